@@ -1,0 +1,57 @@
+"""Reference backend: per-sequence ``scaled_dot_product_attention``.
+
+It cannot write into ``out`` (SDPA allocates its result), so it copies each sequence's
+result into its rows of ``out`` once. Running each sequence alone also makes it batch
+invariant: a sequence's output does not depend on what it is packed with.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+
+from slipstream.attention.base import AttentionBackend, AttentionMetadata
+
+
+class TorchAttentionBackend(AttentionBackend):
+    name: ClassVar[str] = "torch"
+    writes_in_place: ClassVar[bool] = False
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [T_q, Hq, D]
+        k: torch.Tensor,  # [T_k, Hkv, D]
+        v: torch.Tensor,  # [T_k, Hkv, D]
+        out: torch.Tensor,  # [T_q, Hq, D]
+        meta: AttentionMetadata,
+    ) -> None:
+        group = self.num_heads // self.num_kv_heads
+        sq = sk = 0
+        for lq, lk in zip(meta.seq_lens_q, meta.seq_lens_k):
+            if lq == 0:
+                sk += lk
+                continue
+            qs = q[sq : sq + lq].transpose(0, 1)  # [Hq, Lq, D]
+            ks = k[sk : sk + lk].transpose(0, 1)  # [Hkv, Lk, D]
+            vs = v[sk : sk + lk].transpose(0, 1)
+            if group > 1:
+                ks = ks.repeat_interleave(group, dim=0)
+                vs = vs.repeat_interleave(group, dim=0)
+            mask = None
+            is_causal = False
+            if meta.causal:
+                if lq == lk:
+                    is_causal = True
+                else:
+                    # bottom-right alignment: query i sees keys j <= i + (lk - lq)
+                    qi = torch.arange(lq, device=q.device)[:, None]
+                    kj = torch.arange(lk, device=q.device)[None, :]
+                    mask = kj <= qi + (lk - lq)
+            res = F.scaled_dot_product_attention(
+                qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=self.scale
+            )  # [Hq, Lq, D]
+            out[sq : sq + lq].copy_(res.transpose(0, 1))
+            sq += lq
+            sk += lk

@@ -1,0 +1,163 @@
+"""Command line: ``slipstream <command>`` (same as ``python -m slipstream <command>``).
+
+Each command module exposes ``add_arguments(parser)`` and ``run(args) -> int`` and imports
+its heavy dependencies inside ``run`` so that ``--help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from typing import Any
+
+# command name -> (module, help). Modules are imported only for the command that runs
+# (and for --help of that command).
+COMMANDS: dict[str, tuple[str, str]] = {
+    "serve": ("slipstream.server.cli", "serve embeddings over HTTP (OpenAI-compatible)"),
+    "profile-copies": (
+        "slipstream.bench.profile_copies",
+        "count device-to-device copies per layer in one forward pass",
+    ),
+    "bench": ("slipstream.bench.cli", "throughput benchmarks against a baseline"),
+}
+
+
+def _add_engine_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help="model folder (default: all-MiniLM-L6-v2)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--dtype", default=None, help="float32, bfloat16 or float16")
+    p.add_argument("--attention-backend", default=None, help="torch or flash")
+    p.add_argument("--max-batch-tokens", type=int, default=16384)
+    p.add_argument("--max-input-tokens", type=int, default=None)
+
+
+def _embed_parser(sub: Any) -> None:
+    p = sub.add_parser("embed", help="embed texts and print the vectors or a cosine table")
+    p.add_argument("texts", nargs="+", help="texts to embed")
+    _add_engine_args(p)
+    p.add_argument("--dimensions", type=int, default=None, help="Matryoshka truncation")
+    p.add_argument("--prompt-name", default=None, help="a prompt from the model's config")
+    p.add_argument("--no-normalize", action="store_true", help="return raw pooled vectors")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run_embed)
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from slipstream import Engine
+
+    engine = Engine(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        max_batch_tokens=args.max_batch_tokens,
+        max_input_tokens=args.max_input_tokens,
+    )
+    vecs = engine.embed(
+        args.texts,
+        normalize=not args.no_normalize,
+        dimensions=args.dimensions,
+        prompt_name=args.prompt_name,
+        show_progress=False,
+    )
+    if args.json:
+        payload = {
+            "model": str(engine.model_dir),
+            "dimensions": int(vecs.shape[1]),
+            "embeddings": [[float(x) for x in v] for v in vecs],
+        }
+        print(json.dumps(payload))
+        return 0
+    print(f"model: {engine.model_dir}")
+    print(f"{len(vecs)} vector(s) of {vecs.shape[1]} dimensions "
+          f"(device {engine.config.device}, backend {engine.config.attention_backend})")
+    if len(vecs) == 1:
+        v = vecs[0]
+        print(f"norm {np.linalg.norm(v):.4f}; first values: "
+              + " ".join(f"{x:+.4f}" for x in v[:8]))
+        return 0
+    unit = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
+    cos = unit @ unit.T
+    labels = [t if len(t) <= 40 else t[:37] + "..." for t in args.texts]
+    print("\npairwise cosine similarity:")
+    width = max(len(x) for x in labels)
+    print(" " * (width + 2) + " ".join(f"{i:>6d}" for i in range(len(labels))))
+    for i, lab in enumerate(labels):
+        print(f"{lab:<{width}}  " + " ".join(f"{c:6.3f}" for c in cos[i]) + f"  [{i}]")
+    return 0
+
+
+def _checkpoint_parser(sub: Any) -> None:
+    p = sub.add_parser("make-checkpoint", help="write a random-weights Qwen3 checkpoint")
+    p.add_argument("--preset", required=True, choices=["qwen3-tiny", "qwen3-0.6b"])
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--layout", default="causal-lm", choices=["causal-lm", "model"],
+                   help="causal-lm: Qwen3ForCausalLM keys under model.; model: Qwen3Model")
+    p.add_argument("--untied", action="store_true", help="separate lm_head weights")
+    p.set_defaults(func=_run_checkpoint)
+
+
+def _run_checkpoint(args: argparse.Namespace) -> int:
+    from slipstream.checkpoint import make_checkpoint
+
+    out = make_checkpoint(
+        args.preset, args.out, seed=args.seed, dtype=args.dtype, layout=args.layout,
+        tie_word_embeddings=False if args.untied else None,
+    )
+    print(f"wrote {args.preset} checkpoint to {out}")
+    return 0
+
+
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="slipstream", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="store_true", help="print the version")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    _embed_parser(sub)
+    _checkpoint_parser(sub)
+    wanted = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_text)
+        if name == wanted:  # import only the command that runs
+            mod = importlib.import_module(module)
+            mod.add_arguments(p)
+            p.set_defaults(func=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    if args.version:
+        from slipstream import __version__
+
+        print(f"slipstream {__version__}")
+        return 0
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    from slipstream.errors import SlipstreamError
+
+    try:
+        return int(args.func(args) or 0)
+    except SlipstreamError as e:
+        print(f"slipstream: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,58 @@
+"""ModelRunner: turns a Batch into device tensors, runs the model, pools."""
+
+from __future__ import annotations
+
+import torch
+
+from slipstream.attention.base import AttentionMetadata
+from slipstream.config import EngineConfig
+from slipstream.engine.batch import Batch, Phase
+from slipstream.layers.pooler import pool
+from slipstream.models.registry import load_model
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig) -> None:
+        self.config = config
+        self.device = config.torch_device
+        self.model = load_model(
+            config.model,
+            self.device,
+            config.dtype,
+            config.attention_backend,
+            debug_checks=config.debug_checks,
+        )
+        if config.quantization == "fp8":
+            from slipstream.layers.fp8 import quantize_model_fp8
+
+            quantize_model_fp8(self.model)
+
+    def _device_tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        dev = self.device
+        pin = dev.type == "cuda"
+        ids = torch.tensor(batch.token_ids, dtype=torch.int64)
+        pos = torch.tensor(batch.positions, dtype=torch.int64)
+        cu = torch.tensor(batch.cu_seqlens, dtype=torch.int32)
+        if pin:
+            ids, pos, cu = ids.pin_memory(), pos.pin_memory(), cu.pin_memory()
+        ids = ids.to(dev, non_blocking=True)
+        pos = pos.to(dev, non_blocking=True)
+        cu = cu.to(dev, non_blocking=True)
+        meta = AttentionMetadata(
+            cu_seqlens_q=cu,
+            cu_seqlens_k=cu,
+            max_seqlen_q=batch.max_seqlen,
+            max_seqlen_k=batch.max_seqlen,
+            seq_lens_q=batch.seq_lens,
+            seq_lens_k=batch.seq_lens,
+            causal=self.config.model.causal,
+        )
+        return ids, pos, meta
+
+    @torch.inference_mode()
+    def embed(self, batch: Batch) -> torch.Tensor:
+        """Pooled, un-normalised float32 vectors [B, hidden] in the batch's order (on device)."""
+        assert batch.phase is Phase.EMBED
+        ids, pos, meta = self._device_tensors(batch)
+        hidden = self.model(ids, pos, meta)
+        return pool(hidden, meta.cu_seqlens_q, batch.seq_lens, self.config.model.pooling.mode)

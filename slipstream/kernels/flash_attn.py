@@ -1,0 +1,697 @@
+"""Variable-length packed flash attention (forward only) as a Triton kernel.
+
+The kernel reads ``q``/``k``/``v`` through their strides and writes the result straight
+into the ``out`` tensor it is handed: no ``.contiguous()``, no temporary output, no copy.
+That is why ``out`` is an argument rather than a return value, and why the op is
+registered with a ``Tensor(a!) out`` schema and a fake implementation that allocates
+nothing: neither the dispatcher nor ``torch.compile`` has a reason to add a copy.
+
+Layout (packed, no padding)::
+
+    q:            [T_q, Hq, D]    any strides, last dim stride 1
+    k, v:         [T_k, Hkv, D]   any strides, last dim stride 1
+    out:          [T_q, Hq, D]    any strides, last dim stride 1
+    cu_seqlens_q: [B+1] int32     sequence b owns rows cu_seqlens_q[b]:cu_seqlens_q[b+1]
+    cu_seqlens_k: [B+1] int32     same for keys/values
+
+Semantics:
+
+* Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+* ``causal=True`` aligns the mask bottom-right, like flash-attn: query ``i`` of a sequence
+  with ``Lq`` queries and ``Lk`` keys sees keys ``j <= i + Lk - Lq``. With ``Lq == Lk`` this is
+  ordinary causal attention; with ``Lk > Lq`` it is prefill over a cached prefix.
+* A query row that sees no key at all (``Lk == 0``, or ``Lk < Lq`` with causal) is written as
+  zeros rather than NaN. Callers should normally have ``Lk >= Lq >= 1``.
+* ``cu_seqlens_q[-1]`` must equal ``T_q`` (so every row of ``out`` is written);
+  ``cu_seqlens_k[-1]`` may be smaller than ``T_k`` (spare room in a key/value buffer is fine).
+* Rows and columns of the buffer behind ``out`` that are not part of the view are never written.
+
+Limits: B <= 65535 sequences per call and max_seqlen_q <= 65535 * 64 (grid-size limits);
+``seqlen * row_stride`` of every tensor must stay below 2**31 elements (per-sequence offsets
+are 32-bit; the per-sequence base offset is 64-bit, so the total buffer may be larger).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from typing import Any
+
+import torch
+
+try:  # Triton is optional at import time: the op is still registered without it.
+    import triton
+    import triton.language as tl
+
+    _TRITON_IMPORT_ERROR: BaseException | None = None
+except Exception as exc:  # pragma: no cover - depends on the environment
+    triton = None  # type: ignore[assignment]
+    tl = None  # type: ignore[assignment]
+    _TRITON_IMPORT_ERROR = exc
+
+__all__ = ["SUPPORTED_HEAD_DIMS", "flash_attn_varlen", "triton_available"]
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+_GPU_DTYPES = (torch.float16, torch.bfloat16)
+# The interpreter (CPU tests) also takes fp32 so tests can compare at 1e-4; bf16 tl.dot is
+# broken in the Triton interpreter (garbage results in 3.9), so it is refused there.
+_INTERPRETER_DTYPES = (torch.float32, torch.float16)
+_LOG2E = 1.4426950408889634
+_MAX_GRID_YZ = 65535  # CUDA limit on gridDim.y / gridDim.z
+
+_OP_QUALNAME = "slipstream::flash_attn_varlen"
+_OP_SCHEMA = (
+    "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor cu_seqlens_q, "
+    "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal=True, "
+    "float? softmax_scale=None) -> ()"
+)
+
+
+def _interpret_mode() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _debug_mode() -> bool:
+    return os.environ.get("SLIPSTREAM_DEBUG", "0") not in ("", "0")
+
+
+def triton_available() -> bool:
+    """True if Triton imports and a kernel can run (CUDA present, or TRITON_INTERPRET=1)."""
+    if triton is None:
+        return False
+    return torch.cuda.is_available() or _interpret_mode()
+
+
+# ----------------------------------------------------------------------------------------
+# Triton kernel. The functions below are plain Python until `_build_kernels()` wraps them
+# with `triton.jit`; decorating lazily means importing this module never requires Triton
+# and TRITON_INTERPRET is read at first use rather than at import time.
+# ----------------------------------------------------------------------------------------
+
+
+def _attn_fwd_inner(
+    acc,
+    l_i,
+    m_i,
+    q,  # [BLOCK_M, HEAD_DIM]
+    k_ptrs,  # [HEAD_DIM, BLOCK_N] pointers to key block 0 (transposed view)
+    v_ptrs,  # [BLOCK_N, HEAD_DIM] pointers to value block 0
+    stride_kt,
+    stride_vt,
+    offs_m,  # [BLOCK_M] query positions within the sequence
+    offs_n,  # [BLOCK_N]
+    lo,
+    hi,
+    seqlen_k,
+    causal_shift,  # seqlen_k - seqlen_q (bottom-right alignment)
+    qk_scale,  # softmax_scale * log2(e)
+    BLOCK_N: tl.constexpr,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+):
+    # One pass over key blocks [lo, hi). MASKED=False is the hot loop: every key in range is
+    # valid and visible to every query row, so loads and scores need no mask at all.
+    for start_n in range(lo, hi, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        cols = start_n + offs_n
+        if MASKED:
+            k = tl.load(k_ptrs + start_n * stride_kt, mask=cols[None, :] < seqlen_k, other=0.0)
+        else:
+            k = tl.load(k_ptrs + start_n * stride_kt)
+        qk = tl.dot(q, k)  # fp32 accumulate
+        if MASKED:
+            if CAUSAL:
+                # For real rows (offs_m < seqlen_q) this also implies cols < seqlen_k.
+                visible = cols[None, :] <= offs_m[:, None] + causal_shift
+            else:
+                visible = cols[None, :] < seqlen_k
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_ij[:, None]
+        else:
+            # qk_scale > 0 (checked by the wrapper), so max(qk) * scale == max(qk * scale)
+            # and the scale folds into one FMA per element.
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        # m_i starts at a finite -1e30 (not -inf), so alpha is never exp2(-inf - -inf) = NaN.
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seqlen_k, other=0.0)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        # P in the input dtype for the second GEMM (tensor-core path), accumulate in fp32.
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
+    return acc, l_i, m_i
+
+
+def _flash_attn_varlen_fwd_kernel(
+    Q,  # [T_q, Hq, D]
+    K,  # [T_k, Hkv, D]
+    V,  # [T_k, Hkv, D]
+    O,  # [T_q, Hq, D]
+    cu_seqlens_q,  # [B+1] int32
+    cu_seqlens_k,  # [B+1] int32
+    qk_scale,  # fp32: softmax_scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    SEQ_BUCKET_Q,  # not used in the body: autotune key only
+    SEQ_BUCKET_K,  # not used in the body: autotune key only
+    GROUP_SIZE: tl.constexpr,  # Hq // Hkv
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Grid: (Hq, B, num_m_blocks). The x dimension is scheduled fastest, so the query heads that
+    # share one kv head run side by side (L2 reuse of K/V), and the query-block index is
+    # reversed so the last (heaviest, for causal) blocks of the longest sequences start first.
+    head = tl.program_id(0)
+    seq = tl.program_id(1)
+    start_m = tl.num_programs(2) - 1 - tl.program_id(2)
+
+    q_start = tl.load(cu_seqlens_q + seq)
+    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    m0 = start_m * BLOCK_M
+    if m0 >= seqlen_q:
+        return  # this sequence is shorter than the longest one: nothing to do here
+    k_start = tl.load(cu_seqlens_k + seq)
+    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - k_start
+    kv_head = head // GROUP_SIZE
+
+    offs_m = m0 + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = offs_m[:, None] < seqlen_q
+
+    # 64-bit per-sequence base offsets; in-sequence offsets stay 32-bit (cheaper).
+    q_base = Q + q_start.to(tl.int64) * stride_qt + head * stride_qh
+    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    o_base = O + q_start.to(tl.int64) * stride_ot + head * stride_oh
+
+    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok, other=0.0)
+    k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        causal_shift = seqlen_k - seqlen_q
+        # Keys < m0 + causal_shift + 1 are visible to every row of this block (and < seqlen_k
+        # because m0 < seqlen_q): those whole blocks go through the unmasked loop. Blocks
+        # entirely above the diagonal (>= m0 + BLOCK_M + causal_shift) are skipped.
+        full_hi = tl.maximum(m0 + causal_shift + 1, 0) // BLOCK_N * BLOCK_N
+        masked_hi = tl.minimum(m0 + BLOCK_M + causal_shift, seqlen_k)
+    else:
+        causal_shift = 0
+        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+        masked_hi = seqlen_k
+
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
+        0, full_hi, seqlen_k, causal_shift, qk_scale,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
+        full_hi, masked_hi, seqlen_k, causal_shift, qk_scale,
+        BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL,
+    )  # fmt: skip
+
+    # Rows that saw no key have l_i == 0 and acc == 0: write zeros, not 0/0.
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_i[:, None]
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok)
+
+
+# Autotune candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages). Configs that do not fit
+# (shared memory / registers) are skipped by the autotuner (OutOfResources -> inf time).
+_CONFIGS_BY_HEAD_DIM: dict[int, list[tuple[int, int, int, int]]] = {
+    64: [
+        (128, 128, 8, 3),
+        (128, 128, 4, 3),
+        (128, 64, 4, 3),
+        (128, 64, 4, 4),
+        (128, 32, 4, 4),
+        (64, 64, 4, 3),
+        (64, 64, 4, 4),
+        (64, 32, 4, 4),
+    ],
+    128: [
+        (128, 128, 8, 3),
+        (128, 128, 8, 2),
+        (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 64, 4, 3),
+        (128, 32, 4, 4),
+        (64, 128, 4, 3),
+        (64, 64, 4, 3),
+        (64, 64, 4, 4),
+        (64, 32, 4, 3),
+    ],
+    256: [
+        (128, 64, 8, 2),
+        (128, 64, 8, 3),
+        (128, 32, 8, 3),
+        (64, 64, 4, 2),
+        (64, 64, 4, 3),
+        (64, 32, 4, 3),
+    ],
+}
+# Small head dims reuse the D=64 list.
+_CONFIGS_BY_HEAD_DIM[16] = _CONFIGS_BY_HEAD_DIM[64]
+_CONFIGS_BY_HEAD_DIM[32] = _CONFIGS_BY_HEAD_DIM[64]
+
+# Under the interpreter (CPU tests) there is nothing to tune: one small fixed config that
+# still exercises multi-block loops and the diagonal split on tiny sequences.
+_INTERPRETER_BLOCKS = (16, 16)
+
+
+@functools.cache
+def _build_kernels() -> Any:
+    """jit-wrap the kernel functions on first use (returns the main JITFunction)."""
+    if triton is None:
+        raise RuntimeError(
+            "slipstream.kernels.flash_attn_varlen needs Triton, which failed to import: "
+            f"{_TRITON_IMPORT_ERROR!r}"
+        )
+    g = globals()
+    # The main kernel resolves `_attn_fwd_inner` through this module's globals at compile
+    # time, so the jitted helper must be installed under that name before the first launch.
+    if not isinstance(g["_attn_fwd_inner"], triton.runtime.JITFunction):
+        g["_attn_fwd_inner"] = triton.jit(g["_attn_fwd_inner"])
+    if not isinstance(g["_flash_attn_varlen_fwd_kernel"], triton.runtime.JITFunction):
+        g["_flash_attn_varlen_fwd_kernel"] = triton.jit(g["_flash_attn_varlen_fwd_kernel"])
+    return g["_flash_attn_varlen_fwd_kernel"]
+
+
+@functools.cache
+def _autotuned_kernel(head_dim: int) -> Any:
+    kernel = _build_kernels()
+    configs = [
+        triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+        for bm, bn, w, s in _CONFIGS_BY_HEAD_DIM[head_dim]
+    ]
+    # No reset_to_zero/restore_value: every run fully overwrites `out` and reads nothing else
+    # it writes, so benchmarking a config leaves the final result correct.
+    return triton.autotune(configs=configs, key=["HEAD_DIM", "CAUSAL", "SEQ_BUCKET_Q", "SEQ_BUCKET_K"])(
+        kernel
+    )
+
+
+def _seq_bucket(n: int) -> int:
+    # Power-of-two buckets in [64, 16384]: few autotune keys, all divisible by 16 (one
+    # Triton specialisation for the unused key argument).
+    return min(max(64, 1 << max(0, int(n) - 1).bit_length()), 16384)
+
+
+# ----------------------------------------------------------------------------------------
+# Argument checking
+# ----------------------------------------------------------------------------------------
+
+
+def _check_static(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: Any,
+    max_seqlen_k: Any,
+    softmax_scale: float | None,
+) -> None:
+    """Checks that need only metadata (no data reads): safe on fake tensors, no GPU sync."""
+    named = {"q": q, "k": k, "v": v, "out": out, "cu_seqlens_q": cu_seqlens_q}
+    named["cu_seqlens_k"] = cu_seqlens_k
+    for name, t in named.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"flash_attn_varlen: `{name}` must be a torch.Tensor, got {type(t)}")
+    for name in ("q", "k", "v", "out"):
+        t = named[name]
+        if t.dim() != 3:
+            raise ValueError(
+                f"flash_attn_varlen: `{name}` must be 3-D [tokens, heads, head_dim], "
+                f"got shape {tuple(t.shape)}"
+            )
+    head_dim = q.shape[2]
+    for name in ("k", "v", "out"):
+        if named[name].shape[2] != head_dim:
+            raise ValueError(
+                f"flash_attn_varlen: head_dim of `{name}` ({named[name].shape[2]}) differs from "
+                f"q's ({head_dim})"
+            )
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"flash_attn_varlen: unsupported head_dim {head_dim} (`q.shape[2]`); "
+            f"supported: {SUPPORTED_HEAD_DIMS}"
+        )
+    hq, hkv = q.shape[1], k.shape[1]
+    if v.shape[1] != hkv:
+        raise ValueError(f"flash_attn_varlen: `k` has {hkv} heads but `v` has {v.shape[1]}")
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"flash_attn_varlen: query heads ({hq}, `q.shape[1]`) must be a multiple of kv heads "
+            f"({hkv}, `k.shape[1]`)"
+        )
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(
+            f"flash_attn_varlen: `k` has {k.shape[0]} tokens but `v` has {v.shape[0]}"
+        )
+    if tuple(out.shape) != tuple(q.shape):
+        raise ValueError(
+            f"flash_attn_varlen: `out` shape {tuple(out.shape)} must equal q's {tuple(q.shape)}"
+        )
+
+    device = q.device
+    for name, t in named.items():
+        if t.device != device:
+            raise ValueError(
+                f"flash_attn_varlen: all tensors must be on one device; `q` is on {device} "
+                f"but `{name}` is on {t.device}"
+            )
+    dtype = q.dtype
+    for name in ("k", "v", "out"):
+        if named[name].dtype != dtype:
+            raise TypeError(
+                f"flash_attn_varlen: `{name}` dtype {named[name].dtype} differs from q's {dtype}"
+            )
+    allowed = _GPU_DTYPES if device.type == "cuda" else _INTERPRETER_DTYPES
+    if device.type in ("cuda", "cpu") and dtype not in allowed:
+        raise TypeError(
+            f"flash_attn_varlen: dtype {dtype} of `q` not supported on {device.type}; "
+            f"supported: {[str(d) for d in allowed]}"
+        )
+    for name in ("cu_seqlens_q", "cu_seqlens_k"):
+        t = named[name]
+        if t.dtype != torch.int32:
+            raise TypeError(f"flash_attn_varlen: `{name}` must be int32, got {t.dtype}")
+        if t.dim() != 1 or t.shape[0] < 1:
+            raise ValueError(
+                f"flash_attn_varlen: `{name}` must be 1-D [batch+1], got shape {tuple(t.shape)}"
+            )
+    if cu_seqlens_q.shape[0] != cu_seqlens_k.shape[0]:
+        raise ValueError(
+            f"flash_attn_varlen: `cu_seqlens_q` ({cu_seqlens_q.shape[0]}) and `cu_seqlens_k` "
+            f"({cu_seqlens_k.shape[0]}) must have the same length (batch + 1)"
+        )
+    if cu_seqlens_q.shape[0] - 1 > _MAX_GRID_YZ:
+        raise ValueError(
+            f"flash_attn_varlen: at most {_MAX_GRID_YZ} sequences per call, got "
+            f"{cu_seqlens_q.shape[0] - 1}"
+        )
+    for name in ("q", "k", "v", "out"):
+        t = named[name]
+        if t.shape[2] > 1 and t.stride(2) != 1:
+            raise ValueError(
+                f"flash_attn_varlen: last dim of `{name}` must have stride 1, got strides "
+                f"{tuple(t.stride())}"
+            )
+    for name in ("cu_seqlens_q", "cu_seqlens_k"):
+        if named[name].shape[0] > 1 and named[name].stride(0) != 1:
+            raise ValueError(f"flash_attn_varlen: `{name}` must be contiguous")
+    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(val, bool) or not isinstance(val, (int, torch.SymInt)):
+            raise TypeError(f"flash_attn_varlen: `{name}` must be an int, got {type(val)}")
+        if isinstance(val, int) and val < 0:
+            raise ValueError(f"flash_attn_varlen: `{name}` must be >= 0, got {val}")
+    if isinstance(max_seqlen_q, int) and max_seqlen_q > _MAX_GRID_YZ * 64:
+        raise ValueError(
+            f"flash_attn_varlen: max_seqlen_q {max_seqlen_q} exceeds {_MAX_GRID_YZ * 64}"
+        )
+    if softmax_scale is not None:
+        s = float(softmax_scale)
+        if not (math.isfinite(s) and s > 0.0):
+            raise ValueError(
+                f"flash_attn_varlen: `softmax_scale` must be finite and > 0, got {softmax_scale}"
+            )
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[start, end) byte addresses touched by a strided tensor (strides are non-negative)."""
+    if t.numel() == 0:
+        return (0, 0)
+    extent = 1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride()))
+    start = t.data_ptr()
+    return (start, start + extent * t.element_size())
+
+
+def _may_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Cheap, conservative check whether two [T, H, D] views share any byte.
+
+    First the address spans; if they intersect, we accept only the common "column slices of
+    one row-major buffer" case: same row stride R, and each view's per-row footprint lies in a
+    disjoint interval of [0, R) modulo R (e.g. `out` and `qkv` as column ranges of one buffer).
+    """
+    a0, a1 = _byte_span(a)
+    b0, b1 = _byte_span(b)
+    if a0 == a1 or b0 == b1 or a1 <= b0 or b1 <= a0:
+        return False
+    row_a = a.stride(0) * a.element_size()
+    row_b = b.stride(0) * b.element_size()
+    if row_a != row_b or row_a == 0:
+        return True
+    foot_a = (1 + (a.shape[1] - 1) * a.stride(1) + (a.shape[2] - 1) * a.stride(2)) * a.element_size()
+    foot_b = (1 + (b.shape[1] - 1) * b.stride(1) + (b.shape[2] - 1) * b.stride(2)) * b.element_size()
+    if foot_a > row_a or foot_b > row_b:
+        return True
+    shift = (b0 - a0) % row_a  # b's row start, relative to a's, on the circle [0, R)
+    return not (shift >= foot_a and shift + foot_b <= row_a)
+
+
+def _check_runtime(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor
+) -> None:
+    """Checks on real tensors that need data pointers but no data reads (no sync)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if _may_overlap(out, t):
+            raise ValueError(
+                f"flash_attn_varlen: `out` overlaps the memory of `{name}`; the kernel writes "
+                f"`out` while other programs still read `{name}`"
+            )
+
+
+def _check_cu_seqlens_values(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+) -> None:
+    """Data-dependent checks: they read cu_seqlens (a device->host sync on CUDA)."""
+    for name, cu, total, max_len, tname in (
+        ("cu_seqlens_q", cu_seqlens_q, q.shape[0], max_seqlen_q, "q"),
+        ("cu_seqlens_k", cu_seqlens_k, k.shape[0], max_seqlen_k, "k"),
+    ):
+        vals = cu.detach().to("cpu", torch.int64)
+        if int(vals[0]) != 0:
+            raise ValueError(f"flash_attn_varlen: `{name}[0]` must be 0, got {int(vals[0])}")
+        lens = vals[1:] - vals[:-1]
+        if lens.numel() and int(lens.min()) < 0:
+            raise ValueError(f"flash_attn_varlen: `{name}` must be non-decreasing")
+        last = int(vals[-1])
+        if tname == "q" and last != total:
+            raise ValueError(
+                f"flash_attn_varlen: `cu_seqlens_q[-1]` ({last}) must equal the number of query "
+                f"tokens `q.shape[0]` ({total})"
+            )
+        if tname == "k" and last > total:
+            raise ValueError(
+                f"flash_attn_varlen: `cu_seqlens_k[-1]` ({last}) exceeds the number of key tokens "
+                f"`k.shape[0]` ({total})"
+            )
+        if lens.numel() and int(lens.max()) > int(max_len):
+            raise ValueError(
+                f"flash_attn_varlen: longest sequence in `{name}` ({int(lens.max())}) exceeds "
+                f"`max_seqlen_{tname}` ({int(max_len)})"
+            )
+
+
+# ----------------------------------------------------------------------------------------
+# Launch
+# ----------------------------------------------------------------------------------------
+
+
+def _launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool,
+    softmax_scale: float | None,
+    *,
+    config: tuple[int, int] | None = None,
+) -> None:
+    """Check, then launch the kernel writing into `out`. `config=(BLOCK_M, BLOCK_N)` bypasses
+    autotuning (used by tests and under the interpreter)."""
+    _check_static(
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
+    )
+    if q.device.type == "cpu" and not _interpret_mode():
+        raise RuntimeError(
+            "flash_attn_varlen: CPU tensors need the Triton interpreter (TRITON_INTERPRET=1 "
+            "set before the first call)"
+        )
+    if q.device.type not in ("cpu", "cuda"):
+        raise ValueError(f"flash_attn_varlen: unsupported device {q.device}")
+    _check_runtime(q, k, v, out)
+    if q.device.type == "cpu" or _debug_mode():
+        _check_cu_seqlens_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+
+    batch = cu_seqlens_q.shape[0] - 1
+    hq, hkv, head_dim = q.shape[1], k.shape[1], q.shape[2]
+    if batch == 0 or q.shape[0] == 0 or hq == 0 or int(max_seqlen_q) == 0:
+        return  # nothing to write
+    scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
+
+    args = (
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1),
+        v.stride(0), v.stride(1), out.stride(0), out.stride(1),
+        _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k),
+    )  # fmt: skip
+    meta = {"GROUP_SIZE": hq // hkv, "HEAD_DIM": head_dim, "CAUSAL": bool(causal)}
+
+    if config is None and _interpret_mode():
+        config = _INTERPRETER_BLOCKS
+    if config is not None:
+        block_m, block_n = config
+        grid = (hq, batch, triton.cdiv(int(max_seqlen_q), block_m))
+        _build_kernels()[grid](
+            *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=4, num_stages=1
+        )
+        return
+
+    def grid(meta_: dict[str, Any]) -> tuple[int, int, int]:
+        return (hq, batch, triton.cdiv(int(max_seqlen_q), meta_["BLOCK_M"]))
+
+    with torch.cuda.device(q.device):  # launch on q's GPU, not the current one
+        _autotuned_kernel(head_dim)[grid](*args, **meta)
+
+
+# ----------------------------------------------------------------------------------------
+# torch.library registration: `torch.ops.slipstream.flash_attn_varlen`
+# ----------------------------------------------------------------------------------------
+
+
+def _op_impl(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> None:
+    _launch(
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
+        softmax_scale,
+    )  # fmt: skip
+
+
+def _op_fake(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+) -> None:
+    # Metadata checks only; allocates nothing and returns nothing: `out` is mutated in place.
+    _check_static(
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
+    )
+
+
+def _op_registered() -> bool:
+    try:
+        torch.ops.slipstream.flash_attn_varlen.default  # noqa: B018
+    except (AttributeError, RuntimeError):
+        return False
+    return True
+
+
+def _register_op() -> torch.library.Library | None:
+    if _op_registered():
+        return None  # already registered (module re-imported under another name)
+    lib = torch.library.Library("slipstream", "FRAGMENT")
+    lib.define(_OP_SCHEMA)
+    # CPU is served by the Triton interpreter (tests); CUDA by the compiled kernel.
+    lib.impl("flash_attn_varlen", _op_impl, "CPU")
+    lib.impl("flash_attn_varlen", _op_impl, "CUDA")
+    torch.library.register_fake(_OP_QUALNAME, _op_fake, lib=lib)
+    return lib
+
+
+# The Library object must stay alive or its registrations are dropped. On importlib.reload the
+# module dict (and thus the existing _LIB) survives, so registration happens exactly once.
+_LIB: torch.library.Library | None = globals().get("_LIB")
+if _LIB is None:
+    _LIB = _register_op()
+
+
+def flash_attn_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+    causal: bool = True,
+    softmax_scale: float | None = None,
+    *,
+    check: bool | None = None,
+) -> None:
+    """Packed variable-length attention, written in place into ``out``.
+
+    Args:
+        q: ``[T_q, Hq, D]`` queries (fp16/bf16 on CUDA; fp32 too under the interpreter).
+        k, v: ``[T_k, Hkv, D]`` keys/values; ``Hq % Hkv == 0`` (GQA).
+        out: ``[T_q, Hq, D]`` destination, may be a strided view into a larger buffer.
+        cu_seqlens_q, cu_seqlens_k: ``[B+1]`` int32 cumulative sequence lengths.
+        max_seqlen_q, max_seqlen_k: upper bounds of the per-sequence lengths (host ints).
+        causal: bottom-right aligned causal mask (see module docstring).
+        softmax_scale: defaults to ``1/sqrt(D)``.
+        check: also validate the *values* of cu_seqlens (a GPU sync). Default: on for CPU
+            tensors (always checked there) or when ``SLIPSTREAM_DEBUG=1``.
+    """
+    if check and q.device.type != "cpu":  # the op itself checks CPU / SLIPSTREAM_DEBUG
+        _check_static(
+            q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
+        )
+        _check_cu_seqlens_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+    for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if isinstance(val, bool) or not isinstance(val, (int, torch.SymInt)):
+            raise TypeError(f"flash_attn_varlen: `{name}` must be an int, got {type(val)}")
+    torch.ops.slipstream.flash_attn_varlen(
+        q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
+        None if softmax_scale is None else float(softmax_scale),
+    )  # fmt: skip

@@ -1,0 +1,164 @@
+"""Qwen3 decoder (Qwen3-Embedding and Qwen3 causal LM trunks) on a packed token stream."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from slipstream.attention.base import AttentionBackend, AttentionMetadata
+from slipstream.config import ModelConfig
+from slipstream.layers.activation import silu_and_mul
+from slipstream.layers.attention import Attention
+from slipstream.layers.linear import Linear
+from slipstream.layers.norm import RMSNorm
+from slipstream.layers.rotary import RotaryEmbedding
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, debug_checks: bool) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = cfg.q_size
+        self.kv_size = cfg.kv_size
+        self.qkv_proj = Linear(
+            cfg.hidden_size,
+            [cfg.q_size, cfg.kv_size, cfg.kv_size],
+            bias=cfg.attention_bias,
+            partitions=["q", "k", "v"],
+        )
+        self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        self.attn = Attention(backend, debug_checks)
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [T, hidden]
+        cos: torch.Tensor,  # [T, head_dim] float32
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        qkv = self.qkv_proj(x)  # [T, q + 2 kv]
+        q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
+        q = RotaryEmbedding.apply(self.q_norm(q), cos, sin)
+        k = RotaryEmbedding.apply(self.k_norm(k), cos, sin)
+        # v stays a strided view of qkv: backends read it through its strides, no copy.
+        return self.o_proj(self.attn(q, k, v, meta))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = Linear(
+            cfg.hidden_size, [cfg.intermediate_size] * 2, partitions=["gate", "up"]
+        )
+        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, cfg: ModelConfig, backend: AttentionBackend, debug_checks: bool) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.self_attn = Qwen3Attention(cfg, backend, debug_checks)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.mlp = Qwen3MLP(cfg)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = x
+            h = self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm.forward_residual(x, residual)
+        h = self.self_attn(h, cos, sin, meta)
+        h, residual = self.post_attention_layernorm.forward_residual(h, residual)
+        return self.mlp(h), residual
+
+
+class Qwen3Model(nn.Module):
+    """The trunk: embeddings, decoder layers, final norm. ``lm_head`` only for generation."""
+
+    # checkpoint sub-module name -> (our merged module, partition)
+    packed = {
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", "gate"),
+        "up_proj": ("gate_up_proj", "up"),
+    }
+
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        backend_factory: type[AttentionBackend],
+        debug_checks: bool = False,
+        with_lm_head: bool = False,
+    ) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        scale = cfg.head_dim**-0.5
+        self.layers = nn.ModuleList(
+            Qwen3DecoderLayer(
+                cfg,
+                backend_factory(cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, scale, i),
+                debug_checks,
+            )
+            for i in range(cfg.num_layers)
+        )
+        self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.with_lm_head = with_lm_head
+        self.lm_head: Linear | None = None
+        if with_lm_head and not cfg.tie_word_embeddings:
+            self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [T] int
+        positions: torch.Tensor,  # [T] int, restarting at 0 per sequence
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:  # [T, hidden]
+        x = self.embed_tokens(input_ids)
+        cos, sin = self.rotary.cos_sin(positions)
+        residual = None
+        for i, layer in enumerate(self.layers):
+            with torch.profiler.record_function(f"slipstream::layer_{i}"):
+                x, residual = layer(x, residual, cos, sin, meta)
+        x, _ = self.norm.forward_residual(x, residual)
+        return x
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        return torch.nn.functional.linear(hidden, weight)
+
+    def map_checkpoint_name(self, name: str) -> tuple[str, str | None] | None:
+        """Checkpoint tensor name -> (parameter name, partition) or None to ignore it."""
+        if name.startswith("model."):
+            name = name[len("model.") :]
+        if name == "lm_head.weight":
+            if self.lm_head is not None:
+                return name, None
+            return None  # tied, or the embedding path which never needs it
+        parts = name.split(".")
+        if len(parts) >= 2 and parts[-2] in self.packed:
+            merged, shard = self.packed[parts[-2]]
+            parts[-2] = merged
+            return ".".join(parts), shard
+        if name.endswith("rotary_emb.inv_freq"):
+            return None
+        return name, None
