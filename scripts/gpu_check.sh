@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# Every GPU test and benchmark in one call (the GPU lease is short and each start costs
+# minutes). Usage: bash scripts/gpu_check.sh [stage ...]
+#   stages: env tests attn profile embed embed-fp8 embed-long embed-short generate (default: all)
+# Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
+# summary table is printed last.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-/tmp/slipstream_gpu}
+RES=$OUT/results
+mkdir -p "$RES"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
+export TOKENIZERS_PARALLELISM=false
+CK=${CK:-/tmp/slipstream_ck}
+STAGES=${*:-env tests attn profile embed embed-fp8 embed-long embed-short generate}
+PY=python3
+log() { echo "=== $(date +%T) $*"; }
+
+need_ckpt() {
+  if [ ! -f "$CK/qwen3-0.6b/model.safetensors" ]; then
+    log "make-checkpoint qwen3-0.6b"
+    $PY -m slipstream make-checkpoint --preset qwen3-0.6b --out "$CK/qwen3-0.6b" --dtype bfloat16 \
+      || return 1
+  fi
+}
+
+for stage in $STAGES; do
+  case $stage in
+  env)
+    log env
+    nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv | tee "$RES/env.txt"
+    $PY -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$RES/env.txt"
+    ;;
+  tests)
+    log "pytest -m gpu"
+    $PY -m pytest -q -m gpu -p no:cacheprovider -rs 2>&1 | tee "$RES/pytest_gpu.log"
+    ;;
+  attn)
+    log "attention bench"
+    $PY benchmarks/attention_bench.py --json "$RES/attention_bench.json" --plot "$RES/attention_bench.png" \
+      2>&1 | tee "$RES/attention_bench.log"
+    ;;
+  profile)
+    need_ckpt || continue
+    for b in flash torch; do
+      log "profile-copies $b"
+      $PY -m slipstream profile-copies --model "$CK/qwen3-0.6b" --tokens 7168 --batch 1 --backend $b \
+        --device cuda --dtype bfloat16 --json "$RES/profile_copies_$b.json" 2>&1 | tee "$RES/profile_copies_$b.log"
+    done
+    log "profile-copies decode"
+    $PY -m slipstream profile-copies --model "$CK/qwen3-0.6b" --phase decode --batch 16 --tokens 512 \
+      --backend flash --device cuda --dtype bfloat16 --json "$RES/profile_copies_decode.json" \
+      2>&1 | tee "$RES/profile_copies_decode.log"
+    ;;
+  embed)
+    need_ckpt || continue
+    log "bench embed mixed bf16"
+    $PY -m slipstream bench embed --model "$CK/qwen3-0.6b" --workload mixed --items 400 --device cuda \
+      --dtype bfloat16 --baseline hf --json "$RES/embed_mixed_bf16.json" --plot "$RES/embed_mixed_bf16.png" \
+      2>&1 | tee "$RES/embed_mixed_bf16.log"
+    ;;
+  embed-fp8)
+    need_ckpt || continue
+    log "bench embed mixed fp8"
+    $PY -m slipstream bench embed --model "$CK/qwen3-0.6b" --workload mixed --items 400 --device cuda \
+      --dtype bfloat16 --quantization fp8 --baseline hf --json "$RES/embed_mixed_fp8.json" \
+      --plot "$RES/embed_mixed_fp8.png" 2>&1 | tee "$RES/embed_mixed_fp8.log"
+    ;;
+  embed-long)
+    need_ckpt || continue
+    log "bench embed long"
+    $PY -m slipstream bench embed --model "$CK/qwen3-0.6b" --workload long --items 64 --device cuda \
+      --dtype bfloat16 --baseline hf --json "$RES/embed_long_bf16.json" 2>&1 | tee "$RES/embed_long_bf16.log"
+    ;;
+  embed-short)
+    need_ckpt || continue
+    log "bench embed short"
+    $PY -m slipstream bench embed --model "$CK/qwen3-0.6b" --workload short --items 4000 --device cuda \
+      --dtype bfloat16 --baseline hf --json "$RES/embed_short_bf16.json" 2>&1 | tee "$RES/embed_short_bf16.log"
+    ;;
+  generate)
+    need_ckpt || continue
+    log "bench generate"
+    $PY -m slipstream bench generate --model "$CK/qwen3-0.6b" --device cuda --dtype bfloat16 \
+      --json "$RES/generate.json" 2>&1 | tee "$RES/generate.log"
+    ;;
+  *) echo "unknown stage $stage" ;;
+  esac
+done
+
+tar -C "$OUT" -czf "$OUT/gpu_results.tar.gz" results
+log "summary"
+$PY scripts/summarize_results.py "$RES" || true
