@@ -92,6 +92,67 @@ def _run_embed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _generate_parser(sub: Any) -> None:
+    p = sub.add_parser("generate", help="generate text continuations of prompts (Qwen3)")
+    p.add_argument("prompts", nargs="+", help="prompt texts")
+    _add_engine_args(p)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV cache size (default: free GPU memory after a warm-up forward)")
+    p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
+    p.add_argument("--chunked-prefill-tokens", type=int, default=8192,
+                   help="token budget of one forward; longer prompts are prefilled in chunks")
+    p.add_argument("--disable-prefix-cache", action="store_true")
+    p.add_argument("--disable-cuda-graph", action="store_true")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_run_generate)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from slipstream import Engine
+
+    engine = Engine(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        attention_backend=args.attention_backend,
+        max_batch_tokens=args.max_batch_tokens,
+        max_input_tokens=args.max_input_tokens,
+        kv_cache_gb=args.kv_cache_gb,
+        page_size=args.page_size,
+        chunked_prefill_tokens=args.chunked_prefill_tokens,
+        disable_prefix_cache=args.disable_prefix_cache,
+        disable_cuda_graph=args.disable_cuda_graph,
+    )
+    outs = engine.generate(
+        args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        stop=args.stop,
+        seed=args.seed,
+        ignore_eos=args.ignore_eos,
+    )
+    if args.json:
+        print(json.dumps([
+            {"prompt": p, "text": o.text, "token_ids": o.token_ids,
+             "finish_reason": o.finish_reason}
+            for p, o in zip(args.prompts, outs)
+        ]))  # fmt: skip
+        return 0
+    for p, o in zip(args.prompts, outs):
+        print(f"--- {p!r} -> ({len(o.token_ids)} tokens, {o.finish_reason})")
+        print(f"{p}{o.text}")
+    return 0
+
+
 def _checkpoint_parser(sub: Any) -> None:
     p = sub.add_parser("make-checkpoint", help="write a random-weights Qwen3 checkpoint")
     p.add_argument("--preset", required=True, choices=["qwen3-tiny", "qwen3-0.6b"])
@@ -121,6 +182,7 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     _embed_parser(sub)
+    _generate_parser(sub)
     _checkpoint_parser(sub)
     wanted = next((a for a in argv if not a.startswith("-")), None)
     for name, (module, help_text) in COMMANDS.items():

@@ -13,6 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from slipstream.attention.base import AttentionBackend, AttentionMetadata
+from slipstream.attention.paged import (
+    PagedAttentionMetadata,
+    paged_decode_torch,
+    paged_prefill_torch,
+    store_kv_torch,
+)
 
 
 class TorchAttentionBackend(AttentionBackend):
@@ -27,6 +33,9 @@ class TorchAttentionBackend(AttentionBackend):
         out: torch.Tensor,  # [T_q, Hq, D]
         meta: AttentionMetadata,
     ) -> None:
+        if isinstance(meta, PagedAttentionMetadata):  # generation: PREFILL / DECODE
+            self._forward_paged(q, k, v, out, meta)
+            return
         group = self.num_heads // self.num_kv_heads
         sq = sk = 0
         for lq, lk in zip(meta.seq_lens_q, meta.seq_lens_k):
@@ -55,3 +64,19 @@ class TorchAttentionBackend(AttentionBackend):
             out[sq : sq + lq].copy_(res.transpose(0, 1))
             sq += lq
             sk += lk
+
+    def _forward_paged(
+        self,
+        q: torch.Tensor,  # [T, Hq, D] new tokens
+        k: torch.Tensor,  # [T, Hkv, D]
+        v: torch.Tensor,  # [T, Hkv, D]
+        out: torch.Tensor,  # [T, Hq, D]
+        meta: PagedAttentionMetadata,
+    ) -> None:
+        k_cache = meta.k_caches[self.layer_id]
+        v_cache = meta.v_caches[self.layer_id]
+        store_kv_torch(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            paged_decode_torch(q, out, k_cache, v_cache, meta.page_table, meta.kv_lens, self.scale)
+        else:
+            paged_prefill_torch(q, out, k_cache, v_cache, meta, self.scale)

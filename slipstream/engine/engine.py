@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -12,11 +13,21 @@ import torch
 from slipstream.attention.registry import default_backend, get_backend_class
 from slipstream.config import EngineConfig, ModelConfig, default_model_dir, parse_dtype
 from slipstream.engine.batch import Batch
+from slipstream.engine.gen_config import (
+    DEFAULT_CHUNKED_PREFILL_TOKENS,
+    DEFAULT_MAX_RUNNING_REQUESTS,
+    DEFAULT_PAGE_SIZE,
+    GenerationConfig,
+)
 from slipstream.engine.runner import ModelRunner
 from slipstream.engine.scheduler import plan_embed_batches
 from slipstream.errors import ConfigError, InputError
 from slipstream.layers.pooler import postprocess
 from slipstream.tokenization import Tokenizer, normalize_inputs, resolve_prompt
+
+if TYPE_CHECKING:
+    from slipstream.engine.gen_request import GenerationOutput
+    from slipstream.engine.generation import GenerationEngine
 
 logger = logging.getLogger("slipstream")
 
@@ -46,6 +57,12 @@ class Engine:
         max_input_tokens: int | None = None,
         quantization: str | None = None,
         debug_checks: bool = False,
+        disable_prefix_cache: bool = False,
+        disable_cuda_graph: bool = False,
+        kv_cache_gb: float | None = None,
+        page_size: int = DEFAULT_PAGE_SIZE,
+        chunked_prefill_tokens: int = DEFAULT_CHUNKED_PREFILL_TOKENS,
+        num_kv_pages: int | None = None,
     ) -> None:
         model_dir = default_model_dir() if model is None else Path(model)
         model_cfg = ModelConfig.from_hf(model_dir)
@@ -69,6 +86,18 @@ class Engine:
         )
         self.model_config = model_cfg
         self.model_dir = model_dir
+        # Generation settings are validated now; the KV pool and the rest of the generation
+        # machinery are created on the first generate() (embedding never allocates a cache).
+        self.generation_config = GenerationConfig(
+            page_size=page_size,
+            kv_cache_gb=kv_cache_gb,
+            num_kv_pages=num_kv_pages,
+            chunked_prefill_tokens=chunked_prefill_tokens,
+            max_running_requests=min(max_batch_size, DEFAULT_MAX_RUNNING_REQUESTS),
+            disable_prefix_cache=disable_prefix_cache,
+            disable_cuda_graph=disable_cuda_graph,
+        )
+        self._generation: GenerationEngine | None = None
         self.tokenizer: Tokenizer | None = None
         if (model_dir / "tokenizer.json").is_file():
             self.tokenizer = Tokenizer(model_dir, self.config.max_input_tokens)
@@ -214,3 +243,87 @@ class Engine:
         self.check_dimensions(dimensions)
         seqs = self.tokenize(inputs, prompt_name=prompt_name, prompt=prompt, truncate=truncate)
         return self.embed_token_ids(seqs, normalize, dimensions, show_progress)
+
+    # ---------------------------------------------------------------- generation
+    def generation_engine(self) -> GenerationEngine:
+        """The generation machinery (paged KV pool, scheduler, CUDA graphs), created on first
+        use. Its ``add_request`` / ``step`` API is what a streaming server drives."""
+        if self._generation is None:
+            from slipstream.engine.generation import GenerationEngine, load_generation_tokenizer
+
+            self._generation = GenerationEngine(
+                self.runner.model,
+                self.model_config,
+                device=self.config.torch_device,
+                dtype=self.config.dtype,
+                attention_backend=self.config.attention_backend,
+                config=self.generation_config,
+                tokenizer=load_generation_tokenizer(self.model_dir),
+                debug_checks=self.config.debug_checks,
+            )
+        return self._generation
+
+    def generate(
+        self,
+        prompts: Any,
+        max_new_tokens: int = 16,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        stop: str | Sequence[str] | None = None,
+        seed: int | Sequence[int] | None = None,
+        stop_token_ids: Sequence[int] | None = None,
+        ignore_eos: bool = False,
+    ) -> list[GenerationOutput]:
+        """Generate continuations of ``prompts`` (a string, strings, or token-id lists).
+
+        ``temperature=0`` is greedy. ``seed`` (one for all prompts, or one per prompt) makes
+        sampling reproducible per request whatever the batching. Returns one
+        ``GenerationOutput`` per prompt, in input order.
+        """
+        from slipstream.sampling import SamplingParams
+
+        items = normalize_inputs(prompts)
+        gen = self.generation_engine()
+        seqs: list[list[int]] = []
+        for i, item in enumerate(items):
+            if isinstance(item, str):
+                if gen.tokenizer is None:
+                    raise InputError(
+                        f"the model in {self.model_dir} has no tokenizer.json: give token ids",
+                        param="prompt",
+                    )
+                ids = list(gen.tokenizer.encode(item, add_special_tokens=False).ids)
+                if not ids:
+                    raise InputError(f"prompt {i} tokenizes to no tokens", param="prompt")
+                seqs.append(ids)
+            else:
+                seqs.append(list(item))
+        if seed is None or isinstance(seed, int):
+            seeds: list[int | None] = [seed] * len(seqs)
+        else:
+            seeds = list(seed)
+            if len(seeds) != len(seqs):
+                raise InputError(
+                    f"{len(seeds)} seeds for {len(seqs)} prompts: give one seed or one per prompt",
+                    param="seed",
+                )
+        stops = (stop,) if isinstance(stop, str) else tuple(stop or ())
+        params = [
+            SamplingParams(
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                top_k=top_k,
+                seed=s,
+                stop=stops,
+                stop_token_ids=tuple(stop_token_ids or ()),
+                ignore_eos=ignore_eos,
+            )
+            for s in seeds
+        ]
+        return gen.generate(seqs, params)
+
+    def generation_stats(self) -> dict[str, Any]:
+        """Counters of the generation machinery (empty before the first generate)."""
+        return {} if self._generation is None else self._generation.stats()

@@ -5,9 +5,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from slipstream.kernels import fused as fused_ops
 
-def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """x: [T, 2*I] holding [gate | up] -> silu(gate) * up: [T, I]."""
+
+def silu_and_mul(x: torch.Tensor, fused: str = "off") -> torch.Tensor:
+    """x: [T, 2*I] holding [gate | up] -> silu(gate) * up: [T, I].
+
+    ``fused`` is a fusion mode ('off', 'auto', 'always'); where it applies, one Triton kernel
+    replaces the two torch ops (same rounding order).
+    """
+    if x.dim() == 2 and fused_ops.should_fuse(fused, x):
+        return fused_ops.silu_and_mul(x)
     half = x.shape[-1] // 2
     return F.silu(x[..., :half]) * x[..., half:]
 

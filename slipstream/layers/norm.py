@@ -5,16 +5,27 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from slipstream.kernels import fused as fused_ops
+
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 and cast back before the weight, as transformers does."""
+    """RMSNorm computed in float32 and cast back before the weight, as transformers does.
 
-    def __init__(self, dim: int, eps: float) -> None:
+    ``fused``: 'off', 'auto' or 'always' (see ``slipstream.kernels.fused.fusion_mode``); None
+    reads ``SLIPSTREAM_FUSED`` now, at construction. Where fusion applies (by default: CUDA,
+    bf16/fp16) the Triton kernels replace the torch code with the same rounding order.
+    """
+
+    def __init__(self, dim: int, eps: float, fused: str | None = None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
+        self.fused = fused_ops.fusion_mode() if fused is None else fused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., dim]
+        # The kernel takes [rows, dim] with any row stride: 2-D inputs, or contiguous ones.
+        if (x.dim() == 2 or x.is_contiguous()) and fused_ops.should_fuse(self.fused, x):
+            return fused_ops.rmsnorm(x, self.weight, self.eps)
         dtype = x.dtype
         xf = x.float()
         var = xf.pow(2).mean(-1, keepdim=True)
@@ -23,6 +34,13 @@ class RMSNorm(nn.Module):
     def forward_residual(
         self, x: torch.Tensor, residual: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Return (norm(x + residual), x + residual): the add-then-norm of a pre-norm block."""
+        """Return (norm(x + residual), x + residual): the add-then-norm of a pre-norm block.
+
+        The fused path works in place: it overwrites ``x`` with the normalised output and
+        ``residual`` with the sum, and returns those two buffers. Callers must treat both
+        arguments as consumed (the pre-norm block never reads them again).
+        """
+        if x.dim() == 2 and fused_ops.should_fuse(self.fused, x):
+            return fused_ops.fused_add_rmsnorm(x, residual, self.weight, self.eps)
         summed = x + residual
         return self.forward(summed), summed

@@ -7,6 +7,7 @@ from torch import nn
 
 from slipstream.attention.base import AttentionBackend, AttentionMetadata
 from slipstream.config import ModelConfig
+from slipstream.kernels import fused as fused_ops
 from slipstream.layers.activation import silu_and_mul
 from slipstream.layers.attention import Attention
 from slipstream.layers.linear import Linear
@@ -29,8 +30,10 @@ class Qwen3Attention(nn.Module):
             partitions=["q", "k", "v"],
         )
         self.o_proj = Linear(cfg.q_size, cfg.hidden_size, bias=cfg.attention_bias)
-        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
-        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps)
+        # Fusion mode ('off' / 'auto' / 'always'), read from SLIPSTREAM_FUSED once, here.
+        self.fused = fused_ops.fusion_mode()
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, fused=self.fused)
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, fused=self.fused)
         self.attn = Attention(backend, debug_checks)
 
     def forward(
@@ -45,8 +48,15 @@ class Qwen3Attention(nn.Module):
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        q = RotaryEmbedding.apply(self.q_norm(q), cos, sin)
-        k = RotaryEmbedding.apply(self.k_norm(k), cos, sin)
+        if fused_ops.should_fuse(self.fused, qkv):
+            # q/k norm + rotary in one kernel, written in place into qkv (so into q and k).
+            fused_ops.qk_norm_rope_(
+                qkv, self.q_norm.weight, self.k_norm.weight, cos, sin,
+                self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps,
+            )  # fmt: skip
+        else:
+            q = RotaryEmbedding.apply(self.q_norm(q), cos, sin)
+            k = RotaryEmbedding.apply(self.k_norm(k), cos, sin)
         # v stays a strided view of qkv: backends read it through its strides, no copy.
         return self.o_proj(self.attn(q, k, v, meta))
 
@@ -58,9 +68,10 @@ class Qwen3MLP(nn.Module):
             cfg.hidden_size, [cfg.intermediate_size] * 2, partitions=["gate", "up"]
         )
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
+        self.fused = fused_ops.fusion_mode()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x), fused=self.fused))
 
 
 class Qwen3DecoderLayer(nn.Module):
