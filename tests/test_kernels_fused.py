@@ -128,7 +128,7 @@ def _rope_case(
     qw, kw = _weight(d, dtype), _weight(d, dtype)
     # positions restart per sequence, as in a packed batch
     pos = torch.tensor([i % 7 + 3 * (i // 7) for i in range(t)], device=DEV)
-    cos, sin = RotaryEmbedding(d, 1_000_000.0).cos_sin(pos)
+    cos, sin = RotaryEmbedding(d, 1_000_000.0, 4096).cos_sin(pos)
     return big, qkv, qw, kw, cos, sin
 
 

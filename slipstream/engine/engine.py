@@ -210,12 +210,28 @@ class Engine:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=len(seqs), desc="embedding", unit="input")
+        # On CUDA, results stay on the device and come back a few forwards at a time: a
+        # per-forward read-back would make the host wait for the GPU before it can pack and
+        # launch the next forward, leaving the GPU idle in between.
+        flush_every = 8 if self.runner.device.type == "cuda" else 1
+        pending: list[tuple[tuple[int, ...], torch.Tensor]] = []
+
+        def flush() -> None:
+            if not pending:
+                return
+            ids = [i for item_ids, _ in pending for i in item_ids]
+            result[ids] = torch.cat([v for _, v in pending]).cpu().numpy()
+            pending.clear()
+            if progress is not None:
+                progress.update(len(ids))
+
         try:
             for batch in batches:
-                vecs = self.run_batch(batch, normalize, dimensions)
-                result[list(batch.item_ids)] = vecs
-                if progress is not None:
-                    progress.update(batch.num_seqs)
+                pooled = self.runner.embed(batch)
+                pending.append((batch.item_ids, postprocess(pooled, normalize, dimensions)))
+                if len(pending) >= flush_every:
+                    flush()
+            flush()
         finally:
             if progress is not None:
                 progress.close()

@@ -270,6 +270,114 @@ def _flash_attn_varlen_fwd_kernel(
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=row_ok)
 
 
+def _flash_attn_varlen_fwd_packed_kernel(
+    Q,  # [T_q, Hq, D]
+    K,  # [T_k, Hkv, D]
+    V,  # [T_k, Hkv, D]
+    Out,  # [T_q, Hq, D]
+    cu_seqlens_q,  # [B+1] int32
+    cu_seqlens_k,  # [B+1] int32
+    qk_scale,  # fp32: softmax_scale * log2(e)
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_ot,
+    stride_oh,
+    batch,  # B
+    num_heads_q,  # Hq
+    group_size,  # Hq // Hkv
+    SEQ_BUCKET_Q,  # not used in the body: autotune key only
+    SEQ_BUCKET_K,  # not used in the body: autotune key only
+    HEAD_DIM: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # rows of the Q tile = PACK heads x (BLOCK_M // PACK) positions
+    BLOCK_N: tl.constexpr,
+    PACK: tl.constexpr,  # query heads (sharing one kv head) stacked into one Q tile
+):
+    # Variant "gqa_pack": like the base kernel, but one program owns PACK query heads that read
+    # the same kv head (PACK divides group_size). Their rows are stacked into one Q tile,
+    # position-major: row r is position m0 + r // PACK of head head0 + r % PACK, so each K/V
+    # tile loaded into shared memory feeds PACK heads (K/V traffic per FLOP / PACK at equal
+    # positions per block, or the same traffic with PACK x fewer positions per block, which
+    # shrinks the masked diagonal work for causal). Grid and ordering as in the base kernel,
+    # over Hq // PACK head groups and virtual blocks of BLOCK_MP positions.
+    BLOCK_MP: tl.constexpr = BLOCK_M // PACK
+    pid = tl.program_id(0)
+    num_groups = num_heads_q // PACK
+    hgroup = pid % num_groups
+    num_virtual = tl.num_programs(0) // num_groups
+    vblock = num_virtual - 1 - pid // num_groups
+
+    zero = pid * 0
+    lo = zero
+    hi = zero + batch
+    while lo < hi:
+        mid = (lo + hi) // 2
+        go_right = tl.load(cu_seqlens_q + mid) // BLOCK_MP + mid <= vblock
+        lo = tl.where(go_right, mid + 1, lo)
+        hi = tl.where(go_right, hi, mid)
+    seq = lo - 1
+
+    q_start = tl.load(cu_seqlens_q + seq)
+    seqlen_q = tl.load(cu_seqlens_q + seq + 1) - q_start
+    m0 = (vblock - (q_start // BLOCK_MP + seq)) * BLOCK_MP
+    if m0 >= seqlen_q:
+        return
+    k_start = tl.load(cu_seqlens_k + seq)
+    seqlen_k = tl.load(cu_seqlens_k + seq + 1) - k_start
+    head0 = hgroup * PACK
+    kv_head = head0 // group_size
+
+    rows = tl.arange(0, BLOCK_M)
+    pos_m = m0 + rows // PACK  # [BLOCK_M] query position of each stacked row
+    head_r = rows % PACK  # [BLOCK_M] head offset (within the pack) of each row
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    row_ok = pos_m[:, None] < seqlen_q
+
+    q_base = Q + q_start.to(tl.int64) * stride_qt + head0 * stride_qh
+    k_base = K + k_start.to(tl.int64) * stride_kt + kv_head * stride_kh
+    v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
+    o_base = Out + q_start.to(tl.int64) * stride_ot + head0 * stride_oh
+
+    q_rows = pos_m * stride_qt + head_r * stride_qh
+    q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=row_ok, other=0.0)
+    k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]
+    v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
+
+    m_i = tl.full([BLOCK_M], -1.0e30, dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    if CAUSAL:
+        causal_shift = seqlen_k - seqlen_q
+        full_hi = tl.maximum(m0 + causal_shift + 1, 0) // BLOCK_N * BLOCK_N
+        masked_hi = tl.minimum(m0 + BLOCK_MP + causal_shift, seqlen_k)
+    else:
+        causal_shift = 0
+        full_hi = seqlen_k // BLOCK_N * BLOCK_N
+        masked_hi = seqlen_k
+
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
+        0, full_hi, seqlen_k, causal_shift, qk_scale,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL,
+    )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
+        full_hi, masked_hi, seqlen_k, causal_shift, qk_scale,
+        BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL,
+    )  # fmt: skip
+
+    l_i = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_i[:, None]
+    o_rows = pos_m * stride_ot + head_r * stride_oh
+    tl.store(o_base + o_rows[:, None] + offs_d[None, :], acc.to(Out.dtype.element_ty), mask=row_ok)
+
+
 # Autotune candidates: (BLOCK_M, BLOCK_N, num_warps, num_stages). All of them compile for
 # sm_90a with Triton 3.6 and fit H100 shared memory (largest: 224 KiB for D=128 128x128x3) with
 # no register spills; on GPUs with less shared memory the autotuner skips those that do not

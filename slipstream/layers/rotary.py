@@ -7,13 +7,16 @@ from torch import nn
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, head_dim: int, theta: float) -> None:
+    def __init__(self, head_dim: int, theta: float, max_positions: int) -> None:
         super().__init__()
         if head_dim % 2:
             raise ValueError(f"rotary head_dim must be even, got {head_dim}")
         self.head_dim = head_dim
         self.theta = theta
-        # Caches are rebuilt on demand (not parameters, not in the checkpoint).
+        self.max_positions = max_positions
+        # The whole table ([2, max_positions, D] float32, 42 MB for Qwen3's 40960 x 128) is
+        # built once per device on first use, so a forward never reads positions back to the
+        # host (no device sync, and CUDA-graph capture safe). Not a parameter, not loaded.
         self._cos_sin: torch.Tensor | None = None
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
@@ -21,18 +24,19 @@ class RotaryEmbedding(nn.Module):
         exps = torch.arange(0, self.head_dim, 2, dtype=torch.int64, device=device).float()
         return 1.0 / (self.theta ** (exps / self.head_dim))
 
-    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [T, head_dim] float32 for int positions [T]."""
-        need = int(positions.max().item()) + 1 if positions.numel() else 1
+    def table(self, device: torch.device) -> torch.Tensor:
         cache = self._cos_sin
-        if cache is None or cache.shape[0] < need or cache.device != positions.device:
-            n = max(need, 4096 if cache is None else 2 * cache.shape[0])
-            pos = torch.arange(n, device=positions.device, dtype=torch.float32)
-            freqs = pos[:, None] * self._inv_freq(positions.device)[None, :]
+        if cache is None or cache.device != device:
+            pos = torch.arange(self.max_positions, device=device, dtype=torch.float32)
+            freqs = pos[:, None] * self._inv_freq(device)[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
-            cache = torch.stack((emb.cos(), emb.sin()))  # [2, n, D]
+            cache = torch.stack((emb.cos(), emb.sin()))  # [2, max_positions, D]
             self._cos_sin = cache
-        cs = cache[:, positions]
+        return cache
+
+    def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [T, head_dim] float32 for int positions [T] in [0, max_positions)."""
+        cs = self.table(positions.device)[:, positions]
         return cs[0], cs[1]
 
     @staticmethod

@@ -42,7 +42,8 @@ class Qwen3Attention(nn.Module):
         cos: torch.Tensor,  # [T, head_dim] float32
         sin: torch.Tensor,
         meta: AttentionMetadata,
-    ) -> torch.Tensor:
+        rows: torch.Tensor | None = None,  # [B] int64: compute the output for these rows only
+    ) -> torch.Tensor:  # [T, hidden], or [B, hidden] with rows
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
@@ -58,7 +59,22 @@ class Qwen3Attention(nn.Module):
             q = RotaryEmbedding.apply(self.q_norm(q), cos, sin)
             k = RotaryEmbedding.apply(self.k_norm(k), cos, sin)
         # v stays a strided view of qkv: backends read it through its strides, no copy.
-        return self.o_proj(self.attn(q, k, v, meta))
+        if rows is None:
+            return self.o_proj(self.attn(q, k, v, meta))
+        # Only the rows that are pooled need an output: one query per sequence (its last
+        # token) against all of that sequence's keys, bottom-right aligned, so the query
+        # sees every key. The gather copies B rows, not T.
+        b = rows.shape[0]
+        meta_rows = AttentionMetadata(
+            cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=x.device),
+            cu_seqlens_k=meta.cu_seqlens_k,
+            max_seqlen_q=1,
+            max_seqlen_k=meta.max_seqlen_k,
+            seq_lens_q=(1,) * b,
+            seq_lens_k=meta.seq_lens_k,
+            causal=meta.causal,
+        )
+        return self.o_proj(self.attn(q[rows], k, v, meta_rows))
 
 
 class Qwen3MLP(nn.Module):
@@ -89,13 +105,16 @@ class Qwen3DecoderLayer(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         meta: AttentionMetadata,
+        rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if residual is None:
             residual = x
             h = self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm.forward_residual(x, residual)
-        h = self.self_attn(h, cos, sin, meta)
+        h = self.self_attn(h, cos, sin, meta, rows)
+        if rows is not None:
+            residual = residual[rows]
         h, residual = self.post_attention_layernorm.forward_residual(h, residual)
         return self.mlp(h), residual
 
@@ -132,7 +151,7 @@ class Qwen3Model(nn.Module):
             for i in range(cfg.num_layers)
         )
         self.norm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
-        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta)
+        self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rope_theta, cfg.max_position_embeddings)
         self.with_lm_head = with_lm_head
         self.lm_head: Linear | None = None
         if with_lm_head and not cfg.tie_word_embeddings:
@@ -143,13 +162,19 @@ class Qwen3Model(nn.Module):
         input_ids: torch.Tensor,  # [T] int
         positions: torch.Tensor,  # [T] int, restarting at 0 per sequence
         meta: AttentionMetadata,
-    ) -> torch.Tensor:  # [T, hidden]
+        last_token_only: bool = False,
+    ) -> torch.Tensor:  # [T, hidden], or [B, hidden] (each sequence's last token)
+        """With ``last_token_only`` (last-token pooling) the final layer computes attention
+        output, MLP and norm for each sequence's last token only: the other rows of the last
+        layer feed nothing that is returned, so they are not computed."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions)
         residual = None
+        last = len(self.layers) - 1
+        rows = meta.cu_seqlens_q[1:].long() - 1 if last_token_only else None
         for i, layer in enumerate(self.layers):
             with torch.profiler.record_function(f"slipstream::layer_{i}"):
-                x, residual = layer(x, residual, cos, sin, meta)
+                x, residual = layer(x, residual, cos, sin, meta, rows if i == last else None)
         x, _ = self.norm.forward_residual(x, residual)
         return x
 

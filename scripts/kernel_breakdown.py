@@ -1,0 +1,97 @@
+"""Kernel-time breakdown of slipstream forwards on the GPU (for docs/performance.md).
+
+    python scripts/kernel_breakdown.py --model DIR --workload mixed --items 400 [--quantization fp8]
+        [--json OUT]
+
+Runs the workload once to warm up, then once under torch.profiler, and groups device time by
+kernel category (GEMM, attention, norms, rotary, activation, fp8 quantisation, copies, other).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import time
+
+import torch
+
+CATEGORIES = [
+    ("attention", re.compile(r"flash|attn|_fwd_kernel", re.I)),
+    ("fp8_quant", re.compile(r"quant", re.I)),
+    ("gemm", re.compile(r"gemm|sm90_xmma|cutlass|nvjet|matmul|sgemm|hgemm|s16816|wgmma", re.I)),
+    ("norm", re.compile(r"rms|norm", re.I)),
+    ("rotary", re.compile(r"rope|rotary", re.I)),
+    ("activation", re.compile(r"silu|gelu|act", re.I)),
+    ("embedding_lookup", re.compile(r"index|gather|embedding", re.I)),
+    ("copy", re.compile(r"copy|memcpy|cat", re.I)),
+]
+
+
+def category(name: str) -> str:
+    for cat, rx in CATEGORIES:
+        if rx.search(name):
+            return cat
+    return "other"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--workload", default="mixed")
+    ap.add_argument("--items", type=int, default=400)
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from slipstream import Engine
+    from slipstream.bench.workloads import make_workload
+
+    engine = Engine(args.model, device="cuda", dtype="bfloat16",
+                    quantization=args.quantization, max_batch_tokens=args.max_batch_tokens)
+    wl = make_workload(args.workload, args.items, vocab_size=engine.model_config.vocab_size,
+                       max_len=engine.max_input_tokens, seed=0)
+    seqs = wl.token_ids
+    engine.embed_token_ids(seqs, show_progress=False)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    engine.embed_token_ids(seqs, show_progress=False)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    acts = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=acts) as prof:
+        engine.embed_token_ids(seqs, show_progress=False)
+        torch.cuda.synchronize()
+    per_kernel: dict[str, float] = {}
+    for evt in prof.key_averages():
+        dev_type = str(getattr(evt, "device_type", ""))
+        t = float(getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0))
+        if t <= 0 or "CPU" in dev_type and not t:
+            continue
+        if evt.key.startswith(("aten::", "slipstream::", "cuda", "ProfilerStep")):
+            continue  # CPU-side ops carry their children's device time; keep kernels only
+        per_kernel[evt.key] = per_kernel.get(evt.key, 0.0) + t
+    total = sum(per_kernel.values())
+    cats: dict[str, float] = {}
+    for k, t in per_kernel.items():
+        cats[category(k)] = cats.get(category(k), 0.0) + t
+    print(f"workload {args.workload} x{args.items}, quantization {args.quantization}: "
+          f"wall {wall * 1e3:.1f} ms, kernel time {total / 1e3:.1f} ms")
+    for c, t in sorted(cats.items(), key=lambda x: -x[1]):
+        print(f"  {c:<18} {t / 1e3:9.2f} ms  {100 * t / total:5.1f}%")
+    print("top kernels:")
+    top = sorted(per_kernel.items(), key=lambda x: -x[1])[:15]
+    for k, t in top:
+        print(f"  {t / 1e3:9.2f} ms  {100 * t / total:5.1f}%  [{category(k)}] {k[:110]}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"workload": args.workload, "items": args.items,
+                       "quantization": args.quantization, "wall_ms": wall * 1e3,
+                       "kernel_ms": total / 1e3,
+                       "categories_ms": {c: t / 1e3 for c, t in cats.items()},
+                       "top_kernels_ms": [[k, t / 1e3] for k, t in top]}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
