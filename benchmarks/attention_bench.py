@@ -1,6 +1,7 @@
 """Attention kernel benchmark (GPU): slipstream's Triton varlen kernel vs torch SDPA back-ends.
 
     python benchmarks/attention_bench.py --json OUT.json --plot OUT.png
+    python benchmarks/attention_bench.py --variants base,wide,gqa_pack --json OUT.json --plot OUT.png
 
 Cases (bf16, 16 query heads, 8 kv heads, head_dim 128 by default):
   a  one causal 7168-token sequence
@@ -9,7 +10,10 @@ Cases (bf16, 16 query heads, 8 kv heads, head_dim 128 by default):
      --items items or --max-tokens tokens
   c  like a, bidirectional          d  like b, bidirectional   (extra; --cases a,b to skip)
 
-Methods: slipstream (packed [T, H, D], output written into a preallocated buffer);
+Methods: slipstream (packed [T, H, D], output written into a preallocated buffer; with
+--variants, one method "slipstream:<variant>" per kernel variant, selected through
+SLIPSTREAM_FLASH_VARIANT, each autotuned, timed and checked in the same run and compared
+side by side in a variant table);
 sdpa_flash / sdpa_cudnn (SDPA with one back-end forced, layout [B, H, L, D]: B=1 for a single
 sequence, a right-padded batch for a mixed batch; FLOP/s count only real tokens, so padding
 shows up as lower throughput); sdpa_flash_loop (mixed batch: SDPA flash per sequence in a
@@ -91,6 +95,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--quick", action="store_true", help="small smoke run (seqlen 1024, 16 items, 8k tokens)"
     )
+    p.add_argument(
+        "--variants",
+        default="",
+        help="comma list of slipstream kernel variants to A/B (e.g. base,wide,gqa_pack, or 'all');"
+        " default: only the SLIPSTREAM_FLASH_VARIANT / default one, reported as 'slipstream'",
+    )
     return p.parse_args(argv)
 
 
@@ -166,6 +176,31 @@ def _with_gqa_fallback(torch: Any, make: Callable[[bool], Callable[[], Any]]):
     fn()
     _sync(torch)
     return fn, f"K/V heads expanded outside timing (enable_gqa failed: {first})"
+
+
+class _variant_env:
+    """Set SLIPSTREAM_FLASH_VARIANT while one slipstream method is built, timed and read out
+    (the kernel reads it on every call); None leaves the environment alone."""
+
+    def __init__(self, variant: str | None) -> None:
+        self.variant, self.old = variant, None
+
+    def __enter__(self) -> None:
+        if self.variant is not None:
+            self.old = os.environ.get("SLIPSTREAM_FLASH_VARIANT")
+            os.environ["SLIPSTREAM_FLASH_VARIANT"] = self.variant
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.variant is not None:
+            if self.old is None:
+                os.environ.pop("SLIPSTREAM_FLASH_VARIANT", None)
+            else:
+                os.environ["SLIPSTREAM_FLASH_VARIANT"] = self.old
+
+
+def _variant_of(method: str) -> str | None:
+    """'slipstream:gqa_pack' -> 'gqa_pack'; 'slipstream' -> None (environment default)."""
+    return method.split(":", 1)[1] if method.startswith("slipstream:") else None
 
 
 def build_slipstream(torch: Any, w: dict) -> tuple[Callable, Callable, str]:
@@ -384,11 +419,13 @@ def run_case(torch: Any, triton: Any, name: str, desc: str, lens: list[int], cau
         "methods": {},
     }
     w = make_workload(torch, lens, causal, args)
-    builders: dict[str, Callable[[], tuple[Callable, Callable, str]]] = {
-        "slipstream": lambda: build_slipstream(torch, w),
+    builders: dict[str, Callable[[], tuple[Callable, Callable, str]]] = {}
+    for m in slipstream_methods(args):
+        builders[m] = lambda: build_slipstream(torch, w)
+    builders.update({
         "sdpa_flash": lambda: build_sdpa(torch, w, "FLASH_ATTENTION"),
         "sdpa_cudnn": lambda: build_sdpa(torch, w, "CUDNN_ATTENTION"),
-    }
+    })  # fmt: skip
     if len(lens) > 1:
         builders["sdpa_flash_loop"] = lambda: build_sdpa_loop(torch, w)
     builders["varlen_attn"] = lambda: build_varlen(torch, w)
@@ -396,23 +433,27 @@ def run_case(torch: Any, triton: Any, name: str, desc: str, lens: list[int], cau
     outputs: dict[str, Any] = {}
     for method, build in builders.items():
         entry: dict[str, Any] = {}
+        variant = _variant_of(method)
+        if variant is not None:
+            entry["variant"] = variant
         try:
-            fn, packed, note = build()
-            entry["note"] = note
-            ms = _bench_ms(triton, fn, args.warmup, args.rep)
-            _sync(torch)
-            entry["ms"] = float(ms)
-            entry["tflops"] = flops / (ms * 1e-3) / 1e12
-            outputs[method] = packed()
-            print(f"    {method:16s} {ms:9.3f} ms  {entry['tflops']:7.1f} TFLOP/s   ({note})")
+            with _variant_env(variant):
+                fn, packed, note = build()
+                entry["note"] = note
+                ms = _bench_ms(triton, fn, args.warmup, args.rep)
+                _sync(torch)
+                entry["ms"] = float(ms)
+                entry["tflops"] = flops / (ms * 1e-3) / 1e12
+                outputs[method] = packed()
+            print(f"    {method:20s} {ms:9.3f} ms  {entry['tflops']:7.1f} TFLOP/s   ({note})")
         except Exception as exc:  # noqa: BLE001 - record and go on: the GPU run is one shot
             entry["error"] = _err(exc)
-            print(f"    {method:16s} ERROR {entry['error']}", flush=True)
+            print(f"    {method:20s} ERROR {entry['error']}", flush=True)
             if "out of memory" in str(exc).lower():
                 _empty_cache(torch)
         res["methods"][method] = entry
-        if method == "slipstream" and "error" not in entry:
-            entry["autotune"] = autotune_info(w)
+        if method.startswith("slipstream") and "error" not in entry:
+            entry["autotune"] = autotune_info(w, variant)
 
     # Correctness: every method vs an fp32 SDPA (math back-end) on the same inputs, untimed.
     corr: dict[str, Any] = {"reference": "sdpa_math_fp32", "limit": REL_ERR_LIMIT}
@@ -420,16 +461,21 @@ def run_case(torch: Any, triton: Any, name: str, desc: str, lens: list[int], cau
         ref = math_reference(torch, w)
         corr["rel_err"] = {m: rel_err(torch, o, ref) for m, o in outputs.items()}
         for m, e in corr["rel_err"].items():
-            print(f"    rel err {m:16s} vs fp32 SDPA math: {e:.2e}")
-        if "slipstream" in outputs and "sdpa_flash" in outputs:
-            corr["slipstream_vs_sdpa_flash"] = rel_err(
-                torch, outputs["slipstream"], outputs["sdpa_flash"]
-            )
-        if "slipstream" in corr["rel_err"]:
-            corr["ok"] = corr["rel_err"]["slipstream"] <= REL_ERR_LIMIT
-        else:
-            corr["ok"] = False
-            corr["error"] = "slipstream did not run"
+            print(f"    rel err {m:20s} vs fp32 SDPA math: {e:.2e}")
+        ours = slipstream_methods(args)
+        if "sdpa_flash" in outputs:
+            for m in ours:
+                if m in outputs:
+                    key = "slipstream_vs_sdpa_flash" if m == "slipstream" else f"{m}_vs_sdpa_flash"
+                    corr[key] = rel_err(torch, outputs[m], outputs["sdpa_flash"])
+        # Every slipstream method (variant) must have run and be within the limit.
+        missing = [m for m in ours if m not in corr["rel_err"]]
+        bad = [m for m in ours if corr["rel_err"].get(m, 0.0) > REL_ERR_LIMIT]
+        corr["ok"] = not missing and not bad
+        if missing:
+            corr["error"] = f"did not run: {missing}"
+        if bad:
+            corr["failed"] = bad
         del ref
     except Exception as exc:  # noqa: BLE001
         corr["ok"] = False
@@ -454,12 +500,20 @@ def run_case(torch: Any, triton: Any, name: str, desc: str, lens: list[int], cau
     return res
 
 
-def autotune_info(w: dict) -> dict:
-    """Which config the autotuner picked (and the timings it saw) for this head_dim."""
+def slipstream_methods(args: argparse.Namespace) -> list[str]:
+    """['slipstream'] without --variants, else ['slipstream:<v>', ...] in the given order."""
+    if not args.variants:
+        return ["slipstream"]
+    return [f"slipstream:{v}" for v in args.variant_list]
+
+
+def autotune_info(w: dict, variant: str | None = None) -> dict:
+    """Which config the autotuner picked (and the timings it saw) for this head_dim/variant."""
     try:
         from slipstream.kernels import flash_attn as fa
 
-        tuner = fa._autotuned_kernel(w["q"].shape[2])
+        variant = fa._resolve_variant(variant)
+        tuner = fa._autotuned_kernel(w["q"].shape[2], variant)
         info: dict[str, Any] = {"best_config": str(getattr(tuner, "best_config", None))}
         timings = getattr(tuner, "configs_timings", None) or {}
         info["timings_ms"] = {
@@ -476,9 +530,9 @@ def _fmt(x: float | None) -> str:
 
 
 def print_summary(results: dict) -> None:
-    print("\n" + "=" * 100)
-    print(f"{'case':34s} {'method':16s} {'ms':>9s} {'TFLOP/s':>8s} {'x flash':>8s} {'x cudnn':>8s}")
-    print("-" * 100)
+    print("\n" + "=" * 104)
+    print(f"{'case':34s} {'method':20s} {'ms':>9s} {'TFLOP/s':>8s} {'x flash':>8s} {'x cudnn':>8s}")
+    print("-" * 104)
     for name, case in results["cases"].items():
         if "methods" not in case:
             print(f"{name:34s} ERROR {case.get('error')}")
@@ -487,17 +541,81 @@ def print_summary(results: dict) -> None:
             if "ms" in e:
                 xf = _fmt(e.get("speedup_vs_sdpa_flash"))
                 xc = _fmt(e.get("speedup_vs_cudnn"))
-                print(f"{name:34s} {m:16s} {e['ms']:9.3f} {e['tflops']:8.1f} {xf:>8s} {xc:>8s}")
+                print(f"{name:34s} {m:20s} {e['ms']:9.3f} {e['tflops']:8.1f} {xf:>8s} {xc:>8s}")
             else:
-                print(f"{name:34s} {m:16s} ERROR {e.get('error', '')[:60]}")
+                print(f"{name:34s} {m:20s} ERROR {e.get('error', '')[:60]}")
         corr = case.get("correctness", {})
-        err = corr.get("rel_err", {}).get("slipstream")
+        for m, err in corr.get("rel_err", {}).items():
+            if not m.startswith("slipstream"):
+                continue
+            print(
+                f"{'':34s} correctness {m} vs {corr.get('reference')}: rel err "
+                f"{format(err, '.2e')} -> {'OK' if err <= REL_ERR_LIMIT else 'FAIL'}"
+            )
+        if not corr.get("ok"):
+            print(f"{'':34s} correctness FAIL: {corr.get('error') or corr.get('failed')}")
+    print("=" * 104)
+    table = results.get("variant_table")
+    if table:
+        variants = results["variants"]
+        ref = variants[0]
         print(
-            f"{'':34s} correctness vs {corr.get('reference')}: rel err "
-            f"{'n/a' if err is None else format(err, '.2e')} -> "
-            f"{'OK' if corr.get('ok') else 'FAIL'}"
+            f"\nkernel variants side by side (TFLOP/s; x{ref} = speedup vs {ref}; rel err vs fp32)"
         )
-    print("=" * 100)
+        head = f"{'case':34s}" + "".join(f" {v:>22s}" for v in variants) + f" {'best':>10s}"
+        print(head)
+        print("-" * len(head))
+        for name, row in table.items():
+            cells = []
+            for v in variants:
+                c = row["variants"].get(v, {})
+                if "tflops" in c:
+                    cells.append(
+                        f" {c['tflops']:7.1f} x{c.get('speedup_vs_' + ref, float('nan')):4.2f} "
+                        f"{c.get('rel_err', float('nan')):7.1e}"
+                    )
+                else:
+                    cells.append(f" {'ERROR':>22s}")
+            print(f"{name:34s}" + "".join(cells) + f" {str(row.get('best')):>10s}")
+        print(f"{'geomean speedup vs ' + ref:34s}" + "".join(
+            f" {results['variant_geomean'].get(v, float('nan')):22.3f}" for v in variants
+        ))  # fmt: skip
+
+
+def variant_table(results: dict, variants: list[str]) -> tuple[dict, dict]:
+    """Per case: each variant's ms / TFLOP/s / speedup vs the first variant / rel err, and the
+    fastest correct variant; plus the geometric-mean speedup of each variant over all cases."""
+    ref = variants[0]
+    table: dict[str, Any] = {}
+    logs: dict[str, list[float]] = {v: [] for v in variants}
+    for name, case in results["cases"].items():
+        if "methods" not in case:
+            continue
+        errs = case.get("correctness", {}).get("rel_err", {})
+        row: dict[str, Any] = {"variants": {}}
+        ref_ms = case["methods"].get(f"slipstream:{ref}", {}).get("ms")
+        for v in variants:
+            e = case["methods"].get(f"slipstream:{v}", {})
+            cell: dict[str, Any] = {}
+            if "ms" in e:
+                cell = {"ms": e["ms"], "tflops": e["tflops"]}
+                if ref_ms:
+                    cell["speedup_vs_" + ref] = ref_ms / e["ms"]
+                    logs[v].append(math.log(ref_ms / e["ms"]))
+                best_cfg = e.get("autotune", {}).get("best_config")
+                if best_cfg:
+                    cell["best_config"] = best_cfg
+            else:
+                cell = {"error": e.get("error", "not run")}
+            if f"slipstream:{v}" in errs:
+                cell["rel_err"] = errs[f"slipstream:{v}"]
+                cell["ok"] = errs[f"slipstream:{v}"] <= REL_ERR_LIMIT
+            row["variants"][v] = cell
+        ok = [(c["ms"], v) for v, c in row["variants"].items() if "ms" in c and c.get("ok")]
+        row["best"] = min(ok)[1] if ok else None
+        table[name] = row
+    geo = {v: math.exp(sum(x) / len(x)) for v, x in logs.items() if x}
+    return table, geo
 
 
 def write_plot(results: dict, path: Path) -> None:
@@ -507,7 +625,11 @@ def write_plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     cases = [n for n, c in results["cases"].items() if "methods" in c]
-    methods = [m for m in METHODS if any(m in results["cases"][c]["methods"] for c in cases)]
+    methods: list[str] = []  # slipstream variants first, then the baselines, in run order
+    for c in cases:
+        for m in results["cases"][c]["methods"]:
+            if m not in methods:
+                methods.append(m)
     fig, ax = plt.subplots(figsize=(max(8, 2.6 * len(cases)), 5))
     width = 0.8 / max(1, len(methods))
     for i, m in enumerate(methods):
@@ -535,6 +657,7 @@ def write_plot(results: dict, path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    args.variant_list = [v.strip() for v in args.variants.split(",") if v.strip()]
     if args.quick:
         args.seqlen, args.items, args.max_tokens = 1024, 16, 8192
     if str(REPO_ROOT) not in sys.path:
@@ -551,6 +674,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import triton
 
+    if args.variants:
+        from slipstream.kernels import flash_attn as fa
+
+        if args.variant_list == ["all"]:
+            args.variant_list = list(fa.VARIANTS)
+        unknown = [v for v in args.variant_list if v not in fa.VARIANTS]
+        if unknown or not args.variant_list:
+            print(f"attention_bench: unknown variants {unknown}; known: {fa.VARIANTS}",
+                  file=sys.stderr)  # fmt: skip
+            return 2
     cases_wanted = [c.strip() for c in args.cases.split(",") if c.strip()]
     mixed = mixed_lengths(args.seed, args.items, args.max_tokens)
     case_defs = {
@@ -591,6 +724,11 @@ def main(argv: list[str] | None = None) -> int:
             results["cases"][name] = res
             ok = ok and bool(res.get("correctness", {}).get("ok", False))
     finally:
+        if args.variants:
+            results["variants"] = args.variant_list
+            results["variant_table"], results["variant_geomean"] = variant_table(
+                results, args.variant_list
+            )
         if args.json:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(json.dumps(results, indent=2))

@@ -15,11 +15,13 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import contextlib  # noqa: E402
 import importlib  # noqa: E402
 import math  # noqa: E402
 import operator  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
+from collections.abc import Iterator  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
@@ -30,6 +32,11 @@ from slipstream.kernels import flash_attn_varlen, triton_available  # noqa: E402
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Kernel variants (SLIPSTREAM_FLASH_VARIANT): `base` gets the full sweep, every other variant a
+# reduced one (causal/full, GQA 1/2/4/8, lengths incl. 1 and odd, strided out, block shapes).
+VARIANTS = list(fa.VARIANTS)
+NEW_VARIANTS = [v for v in VARIANTS if v != "base"]
 
 # CPU tests launch the kernel through the Triton interpreter.
 needs_interpreter = pytest.mark.skipif(
@@ -150,6 +157,23 @@ def assert_untouched_outside(big: torch.Tensor, before: torch.Tensor, t: int, hq
     assert torch.equal(_bits(big)[outside], _bits(before)[outside]), "wrote outside `out`"
 
 
+@contextlib.contextmanager
+def variant_env(variant: str | None) -> Iterator[None]:
+    """Set SLIPSTREAM_FLASH_VARIANT for the duration (None: leave the environment alone)."""
+    if variant is None:
+        yield
+        return
+    old = os.environ.get("SLIPSTREAM_FLASH_VARIANT")
+    os.environ["SLIPSTREAM_FLASH_VARIANT"] = variant
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("SLIPSTREAM_FLASH_VARIANT", None)
+        else:
+            os.environ["SLIPSTREAM_FLASH_VARIANT"] = old
+
+
 def run_and_check(
     lens_q: list[int],
     lens_k: list[int] | None,
@@ -163,8 +187,11 @@ def run_and_check(
     dtype: torch.dtype = torch.float32,
     atol: float = 1e-4,
     config: tuple[int, int] | None = None,
+    variant: str | None = None,
 ) -> torch.Tensor:
-    """Run the kernel into a NaN-poisoned strided `out` view and compare with `reference`."""
+    """Run the kernel into a NaN-poisoned strided `out` view and compare with `reference`.
+
+    `variant` goes through SLIPSTREAM_FLASH_VARIANT (the production path) for wrapper calls."""
     lens_k = lens_q if lens_k is None else lens_k
     q, k, v = make_qkv(lens_q, lens_k, hq, hkv, d, dtype=dtype, fused=fused)
     cu_q, cu_k = cu_from_lens(lens_q), cu_from_lens(lens_k)
@@ -173,11 +200,14 @@ def run_and_check(
     before = big.clone()
     max_q, max_k = max(lens_q, default=0), max(lens_k, default=0)
     if config is None:
-        flash_attn_varlen(
-            q, k, v, out, cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scale
-        )
+        with variant_env(variant):
+            flash_attn_varlen(
+                q, k, v, out, cu_q, cu_k, max_q, max_k, causal=causal, softmax_scale=scale
+            )
     else:
-        fa._launch(q, k, v, out, cu_q, cu_k, max_q, max_k, causal, scale, config=config)
+        fa._launch(
+            q, k, v, out, cu_q, cu_k, max_q, max_k, causal, scale, config=config, variant=variant
+        )
     ref = reference(q, k, v, cu_q, cu_k, causal, scale)
     assert not torch.isnan(out).any(), "some rows of `out` were not written"
     err = (out.double() - ref).abs().max().item() if t else 0.0
@@ -200,19 +230,73 @@ CASES = {
 
 
 @needs_interpreter
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("case", list(CASES), ids=list(CASES))
-def test_matches_reference(case: str, causal: bool) -> None:
+def test_matches_reference(case: str, causal: bool, variant: str) -> None:
     lens, hq, hkv, d, fused = CASES[case]
-    run_and_check(lens, None, hq, hkv, d, causal, fused=fused)
+    run_and_check(lens, None, hq, hkv, d, causal, fused=fused, variant=variant)
+
+
+# Extra GQA ratios for the new variants (gqa_pack stacks min(G, 4) heads when G is a power of
+# two: G=8 -> 4 heads per program, 2 programs per kv head; G=3 -> no stacking).
+VARIANT_GQA_CASES = {
+    # name: (lens, hq, hkv, d, fused)
+    "gqa8-d32-fused": ([3, 1, 29, 16], 8, 1, 32, True),
+    "gqa3-d64": ([1, 19, 2], 6, 2, 64, False),
+    "gqa2-d256-one-token": ([1], 4, 2, 256, False),
+}
 
 
 @needs_interpreter
+@pytest.mark.parametrize("variant", NEW_VARIANTS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-def test_fewer_queries_than_keys_bottom_right(causal: bool) -> None:
+@pytest.mark.parametrize("case", list(VARIANT_GQA_CASES), ids=list(VARIANT_GQA_CASES))
+def test_variants_more_gqa_ratios(case: str, causal: bool, variant: str) -> None:
+    lens, hq, hkv, d, fused = VARIANT_GQA_CASES[case]
+    run_and_check(lens, None, hq, hkv, d, causal, fused=fused, variant=variant)
+
+
+@needs_interpreter
+def test_variant_env_is_read_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every variant gives the same result (to fp32 rounding) through the env var, and an
+    # unknown name is refused clearly rather than silently falling back.
+    lens = [3, 18]
+    q, k, v = make_qkv(lens, lens, 4, 2, 64)
+    cu = cu_from_lens(lens)
+    outs = {}
+    for variant in VARIANTS:
+        monkeypatch.setenv("SLIPSTREAM_FLASH_VARIANT", variant)
+        outs[variant] = torch.empty_like(q)
+        flash_attn_varlen(q, k, v, outs[variant], cu, cu, 18, 18)
+    for variant in NEW_VARIANTS:
+        assert (outs[variant] - outs["base"]).abs().max().item() <= 1e-5, variant
+    monkeypatch.setenv("SLIPSTREAM_FLASH_VARIANT", "no_such_variant")
+    with pytest.raises(ValueError, match="unknown variant"):
+        flash_attn_varlen(q, k, v, torch.empty_like(q), cu, cu, 18, 18)
+    monkeypatch.delenv("SLIPSTREAM_FLASH_VARIANT")
+    assert fa._resolve_variant(None) == fa._DEFAULT_VARIANT
+
+
+def test_variant_config_lists_are_valid() -> None:
+    for variant in VARIANTS:
+        for d in fa.SUPPORTED_HEAD_DIMS:
+            cfgs = fa._variant_configs(variant, d)
+            assert cfgs and len(set(cfgs)) == len(cfgs), (variant, d)
+            for bm, bn, w, st in cfgs:
+                assert bm % fa._PACK_MAX == 0 and bn >= 16 and w in (4, 8, 16) and st >= 1
+    assert fa._variant_configs("base", 128) == fa._CONFIGS_BY_HEAD_DIM[128]
+    assert [fa._pack_for(g, 128) for g in (1, 2, 3, 4, 6, 8, 16)] == [1, 2, 1, 4, 2, 4, 4]
+    assert fa._pack_for(4, 2) == 2
+
+
+@needs_interpreter
+@pytest.mark.parametrize("variant", VARIANTS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_fewer_queries_than_keys_bottom_right(causal: bool, variant: str) -> None:
     # Prefill over a cached prefix / decode: query i sees keys j <= i + Lk - Lq.
     lens_q, lens_k = [1, 5, 16, 3], [9, 20, 33, 3]
-    out = run_and_check(lens_q, lens_k, 4, 2, 64, causal)
+    out = run_and_check(lens_q, lens_k, 4, 2, 64, causal, variant=variant)
     if causal:
         # A single query (decode step) attends to every key: same as bidirectional.
         q, k, v = make_qkv(lens_q, lens_k, 4, 2, 64)
@@ -221,12 +305,14 @@ def test_fewer_queries_than_keys_bottom_right(causal: bool) -> None:
 
 
 @needs_interpreter
-def test_rows_without_visible_keys_are_zero() -> None:
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_rows_without_visible_keys_are_zero(variant: str) -> None:
     # Lk < Lq with causal: the first Lq - Lk rows see nothing; Lk == 0: no row sees anything.
     lens_q, lens_k = [6, 3], [2, 0]
     q, k, v = make_qkv(lens_q, lens_k, 2, 1, 64)
     out = torch.full_like(q, float("nan"))
-    flash_attn_varlen(q, k, v, out, cu_from_lens(lens_q), cu_from_lens(lens_k), 6, 2)
+    with variant_env(variant):
+        flash_attn_varlen(q, k, v, out, cu_from_lens(lens_q), cu_from_lens(lens_k), 6, 2)
     assert torch.equal(out[0:4], torch.zeros_like(out[0:4]))
     assert torch.equal(out[6:9], torch.zeros_like(out[6:9]))
     ref = reference(q, k, v, cu_from_lens(lens_q), cu_from_lens(lens_k), causal=True)
@@ -234,12 +320,14 @@ def test_rows_without_visible_keys_are_zero() -> None:
 
 
 @needs_interpreter
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("config", [(32, 16), (16, 32), (64, 16)], ids=str)
-def test_block_shapes(config: tuple[int, int], causal: bool) -> None:
+def test_block_shapes(config: tuple[int, int], causal: bool, variant: str) -> None:
     # BLOCK_M != BLOCK_N: the diagonal spans several key blocks, or a key block spans several
-    # query blocks; misaligned prefix lengths (Lk - Lq not a multiple of BLOCK_N).
-    run_and_check([1, 5, 33, 3], [1, 40, 50, 3], 4, 2, 64, causal, config=config)
+    # query blocks; misaligned prefix lengths (Lk - Lq not a multiple of BLOCK_N). For
+    # gqa_pack BLOCK_M counts stacked rows: (32, 16) is 16 positions x 2 heads.
+    run_and_check([1, 5, 33, 3], [1, 40, 50, 3], 4, 2, 64, causal, config=config, variant=variant)
 
 
 @needs_interpreter
@@ -249,8 +337,9 @@ def test_custom_softmax_scale() -> None:
 
 
 @needs_interpreter
-def test_fp16_in_interpreter() -> None:
-    run_and_check([3, 21], None, 2, 2, 64, True, dtype=torch.float16, atol=4e-3)
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_fp16_in_interpreter(variant: str) -> None:
+    run_and_check([3, 21], None, 4, 2, 64, True, dtype=torch.float16, atol=4e-3, variant=variant)
 
 
 @needs_interpreter
@@ -699,7 +788,10 @@ GPU_FIXED = {
 
 
 def _gpu_check_case(
-    spec: tuple, config: tuple[int, ...] | None = None, device: str = "cuda"
+    spec: tuple,
+    config: tuple[int, ...] | None = None,
+    device: str = "cuda",
+    variant: str | None = None,
 ) -> None:
     lens_q, lens_k, hq, hkv, d, causal, fused, dtype = spec
     lens_k = lens_q if lens_k is None else lens_k
@@ -711,41 +803,67 @@ def _gpu_check_case(
     before = big.clone()
     max_q, max_k = max(lens_q), max(lens_k)
     if config is None:
-        flash_attn_varlen(q, k, v, out, cu_q, cu_k, max_q, max_k, causal=causal)
+        with variant_env(variant):
+            flash_attn_varlen(q, k, v, out, cu_q, cu_k, max_q, max_k, causal=causal)
     else:
-        fa._launch(q, k, v, out, cu_q, cu_k, max_q, max_k, causal, None, config=config)
+        fa._launch(
+            q, k, v, out, cu_q, cu_k, max_q, max_k, causal, None, config=config, variant=variant
+        )
     if dev.type == "cuda":
         torch.cuda.synchronize()
     ref = reference(q, k, v, cu_q, cu_k, causal, acc_dtype=torch.float32, head_chunk=4)
     assert not torch.isnan(out).any(), "rows of `out` not written"
     rel = ((out.float() - ref).norm() / ref.norm()).item()
-    assert rel <= 1e-2, f"relative error {rel:.3g} (config {config})"
+    assert rel <= 1e-2, f"relative error {rel:.3g} (variant {variant}, config {config})"
     assert_untouched_outside(big, before, t, hq)
 
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", list(GPU_AUTOTUNED), ids=list(GPU_AUTOTUNED))
-def test_gpu_matches_reference_autotuned(case: str) -> None:
-    _gpu_check_case(GPU_AUTOTUNED[case])
+def test_gpu_matches_reference_autotuned(case: str, variant: str) -> None:
+    _gpu_check_case(GPU_AUTOTUNED[case], variant=variant)
 
 
 @gpu
 @needs_cuda
+@pytest.mark.parametrize("variant", VARIANTS)
 @pytest.mark.parametrize("case", list(GPU_FIXED), ids=list(GPU_FIXED))
-def test_gpu_matches_reference_fixed_config(case: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_gpu_matches_reference_fixed_config(
+    case: str, variant: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("SLIPSTREAM_FLASH_AUTOTUNE", "0")
-    _gpu_check_case(GPU_FIXED[case])
+    _gpu_check_case(GPU_FIXED[case], variant=variant)
+
+
+_D128_VARIANT_CONFIGS = [
+    (variant, cfg) for variant in VARIANTS for cfg in fa._variant_configs(variant, 128)
+]
 
 
 @gpu
 @needs_cuda
-@pytest.mark.parametrize("config", fa._CONFIGS_BY_HEAD_DIM[128], ids=str)
-def test_gpu_every_d128_config(config: tuple[int, int, int, int]) -> None:
-    # Whatever the autotuner picks must be correct: run each candidate explicitly (these
-    # compiles are shared with the autotuned bf16 causal D=128 test above).
+@pytest.mark.parametrize(
+    ("variant", "config"), _D128_VARIANT_CONFIGS, ids=[f"{v}-{c}" for v, c in _D128_VARIANT_CONFIGS]
+)
+def test_gpu_every_d128_config(variant: str, config: tuple[int, int, int, int]) -> None:
+    # Whatever the autotuner picks must be correct: run each candidate of each variant
+    # explicitly (these compiles are shared with the autotuned bf16 causal D=128 test above).
     spec = ([1, 77, 700, 129, 64], [1, 300, 700, 200, 64], 16, 8, 128, True, False, torch.bfloat16)
-    _gpu_check_case(spec, config=config)
+    _gpu_check_case(spec, config=config, variant=variant)
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("variant", NEW_VARIANTS)
+def test_gpu_variants_gqa4_and_mha_d128(variant: str) -> None:
+    # gqa_pack with PACK=4 (G=4) and PACK=1 (MHA), fused strided q/k/v, bidirectional + causal.
+    for spec in (
+        (_mixed_lengths(9, 3, 900), None, 16, 4, 128, True, True, torch.bfloat16),
+        ([1, 333, 1024], None, 8, 8, 128, False, False, torch.bfloat16),
+    ):
+        _gpu_check_case(spec, variant=variant)
 
 
 @gpu

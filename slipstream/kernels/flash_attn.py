@@ -36,6 +36,9 @@ CUDA graph. Environment knobs (read per call):
 * ``SLIPSTREAM_FLASH_AUTOTUNE=0``: no autotuning, use the first config of the head_dim's list.
 * ``SLIPSTREAM_FLASH_CONFIG=BLOCK_M,BLOCK_N,num_warps,num_stages``: force one config.
 * ``SLIPSTREAM_DEBUG=1``: also check the values of cu_seqlens on CUDA (a device sync).
+* ``SLIPSTREAM_FLASH_VARIANT=base|wide|gqa_pack``: kernel variant (see ``VARIANTS``; default
+  ``base``). ``wide``: same kernel, wider autotune space. ``gqa_pack``: the query heads that
+  share a kv head are stacked into one Q tile, so each K/V tile load serves all of them.
 
 The Python wrapper launches directly in plain eager mode (saves ~10 us of dispatcher boxing
 per call) and goes through ``torch.ops.slipstream.flash_attn_varlen`` whenever something is
@@ -398,6 +401,87 @@ _CONFIGS_BY_HEAD_DIM: dict[int, list[tuple[int, int, int, int]]] = {
 }
 _CONFIGS_BY_HEAD_DIM[16] = _CONFIGS_BY_HEAD_DIM[32]
 
+# ----------------------------------------------------------------------------------------
+# Variants (A/B testing). SLIPSTREAM_FLASH_VARIANT (read per call) or `variant=` picks one:
+#
+# * ``base``: the kernel and autotune list above (the default until the A/B is measured).
+# * ``wide``: the same kernel, a wider autotune space (more stage counts, BLOCK_N 32 with 4 or
+#   8 warps), pruned by the max_seqlen buckets. (64x128 tiles on 4 warps were left out: they
+#   spill ~100 bytes per thread on sm_90a with Triton 3.6.)
+# * ``gqa_pack``: `_flash_attn_varlen_fwd_packed_kernel`: PACK query heads of one kv head
+#   stacked into one Q tile (BLOCK_M rows = PACK heads x BLOCK_M // PACK positions), with its
+#   own autotune space including 256-row tiles (128 positions x 2 heads) on 16 warps.
+# ----------------------------------------------------------------------------------------
+
+VARIANTS = ("base", "wide", "gqa_pack")
+_DEFAULT_VARIANT = "base"
+
+# Extra candidates of the `wide` variant (added to the base list of the head_dim).
+_WIDE_EXTRA: dict[int, list[tuple[int, int, int, int]]] = {
+    256: [(128, 32, 8, 2), (64, 32, 4, 2)],
+    128: [
+        (128, 64, 8, 2),
+        (128, 64, 8, 5),
+        (128, 32, 4, 3),
+        (128, 32, 8, 4),
+        (128, 32, 8, 3),
+        (64, 64, 4, 2),
+    ],
+    64: [(128, 128, 8, 2), (128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 4, 4), (64, 64, 4, 4)],
+    32: [(128, 128, 8, 3), (128, 64, 4, 4), (64, 128, 4, 3)],
+}
+_WIDE_EXTRA[16] = _WIDE_EXTRA[32]
+
+# `gqa_pack`: BLOCK_M counts stacked rows (PACK heads x BLOCK_M // PACK positions).
+_PACK_CONFIGS_BY_HEAD_DIM: dict[int, list[tuple[int, int, int, int]]] = {
+    256: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+    128: [
+        (128, 64, 8, 3),
+        (128, 64, 8, 4),
+        (128, 128, 8, 2),
+        (128, 128, 8, 3),
+        (256, 64, 16, 2),
+        (256, 64, 16, 3),
+        (256, 32, 8, 3),
+        (64, 64, 4, 3),
+    ],
+    64: [(128, 128, 8, 3), (128, 64, 4, 3), (256, 64, 8, 3), (256, 128, 16, 3), (64, 64, 4, 3)],
+    32: [(128, 64, 4, 3), (128, 128, 4, 3), (256, 64, 8, 3), (64, 64, 4, 3)],
+}
+_PACK_CONFIGS_BY_HEAD_DIM[16] = _PACK_CONFIGS_BY_HEAD_DIM[32]
+_PACK_MAX = 4
+
+
+def _variant_configs(variant: str, head_dim: int) -> list[tuple[int, int, int, int]]:
+    if variant == "gqa_pack":
+        return list(_PACK_CONFIGS_BY_HEAD_DIM[head_dim])
+    if variant == "wide":
+        base = list(_CONFIGS_BY_HEAD_DIM[head_dim])
+        return base + [c for c in _WIDE_EXTRA[head_dim] if c not in base]
+    return list(_CONFIGS_BY_HEAD_DIM[head_dim])
+
+
+def _resolve_variant(variant: str | None) -> str:
+    """`variant` argument, else SLIPSTREAM_FLASH_VARIANT (read on every call), else default."""
+    name = variant if variant is not None else os.environ.get("SLIPSTREAM_FLASH_VARIANT", "")
+    name = name.strip() or _DEFAULT_VARIANT
+    if name not in VARIANTS:
+        raise ValueError(
+            f"flash_attn_varlen: unknown variant {name!r} (SLIPSTREAM_FLASH_VARIANT); "
+            f"expected one of {VARIANTS}"
+        )
+    return name
+
+
+def _pack_for(group_size: int, block_m: int) -> int:
+    """Heads stacked per program for `gqa_pack`: the largest power of two <= _PACK_MAX that
+    divides the GQA group and leaves at least one position per block."""
+    pack = _PACK_MAX
+    while pack > 1 and (group_size % pack or block_m % pack):
+        pack //= 2
+    return pack
+
+
 # Under the interpreter (CPU tests) there is nothing to tune: one small fixed config that
 # still exercises multi-block loops and the diagonal split on tiny sequences.
 _INTERPRETER_BLOCKS = (16, 16)
@@ -430,7 +514,25 @@ def _build_kernels() -> Any:
                 "SEQ_BUCKET_K",
             ],
         )
+    if isinstance(g["_flash_attn_varlen_fwd_packed_kernel"], types.FunctionType):
+        g["_flash_attn_varlen_fwd_packed_kernel"] = triton.jit(
+            g["_flash_attn_varlen_fwd_packed_kernel"],
+            do_not_specialize=[
+                "batch",
+                "num_heads_q",
+                "group_size",
+                "SEQ_BUCKET_Q",
+                "SEQ_BUCKET_K",
+            ],
+        )
     return g["_flash_attn_varlen_fwd_kernel"]
+
+
+def _kernel_for(variant: str) -> Any:
+    _build_kernels()
+    if variant == "gqa_pack":
+        return globals()["_flash_attn_varlen_fwd_packed_kernel"]
+    return globals()["_flash_attn_varlen_fwd_kernel"]
 
 
 def _autotune_bench(kernel_call: Any, quantiles: Any = None) -> Any:
@@ -439,25 +541,47 @@ def _autotune_bench(kernel_call: Any, quantiles: Any = None) -> Any:
     return triton.testing.do_bench(kernel_call, warmup=10, rep=40, quantiles=quantiles)
 
 
+def _prune_by_seqlen(configs: list[Any], named_args: dict[str, Any], **kwargs: Any) -> list[Any]:
+    """Drop tiles much larger than the longest sequence (bucketed), keeping at least one."""
+    bucket_q = int(kwargs.get("SEQ_BUCKET_Q", named_args.get("SEQ_BUCKET_Q", 1 << 30)))
+    bucket_k = int(kwargs.get("SEQ_BUCKET_K", named_args.get("SEQ_BUCKET_K", 1 << 30)))
+    pack = int(kwargs.get("PACK", 1))
+    kept = [
+        c
+        for c in configs
+        if c.kwargs["BLOCK_M"] // pack <= bucket_q and c.kwargs["BLOCK_N"] <= bucket_k
+    ]
+    if kept:
+        return kept
+    smallest = min(c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] for c in configs)
+    return [c for c in configs if c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] == smallest]
+
+
 @functools.cache
-def _autotuned_kernel(head_dim: int) -> Any:
-    kernel = _build_kernels()
+def _autotuned_kernel(head_dim: int, variant: str = "base") -> Any:
+    kernel = _kernel_for(variant)
     configs = [
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-        for bm, bn, w, s in _CONFIGS_BY_HEAD_DIM[head_dim]
+        for bm, bn, w, s in _variant_configs(variant, head_dim)
     ]
+    key = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET_Q", "SEQ_BUCKET_K"]
+    if variant == "gqa_pack":
+        key.append("PACK")
+    # The base variant keeps exactly its historical tuning (no pruning).
+    prune = None if variant == "base" else {"early_config_prune": _prune_by_seqlen}
     # No reset_to_zero/restore_value: every run fully overwrites `out` and reads nothing else
     # it writes, so benchmarking a config leaves the final result correct.
     # cache_results: tuning results persist in Triton's on-disk cache across processes.
     return triton.autotune(
         configs=configs,
-        key=["HEAD_DIM", "CAUSAL", "SEQ_BUCKET_Q", "SEQ_BUCKET_K"],
+        key=key,
+        prune_configs_by=prune,
         do_bench=_autotune_bench,
         cache_results=True,
     )(kernel)
 
 
-def _env_config(head_dim: int) -> tuple[int, int, int, int] | None:
+def _env_config(head_dim: int, variant: str = "base") -> tuple[int, int, int, int] | None:
     """Fixed config from the environment, or None to autotune.
 
     SLIPSTREAM_FLASH_CONFIG="BLOCK_M,BLOCK_N,num_warps,num_stages" forces one config;
@@ -474,7 +598,7 @@ def _env_config(head_dim: int) -> tuple[int, int, int, int] | None:
             ) from None
         return (bm, bn, w, st)
     if os.environ.get("SLIPSTREAM_FLASH_AUTOTUNE", "1") == "0":
-        return _CONFIGS_BY_HEAD_DIM[head_dim][0]
+        return _variant_configs(variant, head_dim)[0]
     return None
 
 
@@ -769,12 +893,15 @@ def _launch(
     softmax_scale: float | None,
     *,
     config: tuple[int, ...] | None = None,
+    variant: str | None = None,
 ) -> None:
     """Check, then launch the kernel writing into `out`.
 
     `config` = (BLOCK_M, BLOCK_N[, num_warps, num_stages]) bypasses autotuning (tests, and the
-    interpreter, which always uses a small fixed config).
+    interpreter, which always uses a small fixed config). `variant` (one of VARIANTS) overrides
+    SLIPSTREAM_FLASH_VARIANT.
     """
+    variant = _resolve_variant(variant)
     if not _fast_checks_pass(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
     ):
@@ -807,38 +934,52 @@ def _launch(
     meta = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal)}
 
     if config is None:
-        config = _INTERPRETER_BLOCKS if _interpret_mode() else _env_config(head_dim)
+        config = _INTERPRETER_BLOCKS if _interpret_mode() else _env_config(head_dim, variant)
+    run = (args, meta, hq, hq // hkv, batch, q.shape[0], head_dim, config, variant)
     if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         # Triton launches on the current device; switch only when needed (it costs a few us).
         with torch.cuda.device(q.device):
-            _run_kernel(args, meta, hq, batch, q.shape[0], head_dim, config)
+            _run_kernel(*run)
     else:
-        _run_kernel(args, meta, hq, batch, q.shape[0], head_dim, config)
+        _run_kernel(*run)
 
 
 def _run_kernel(
     args: tuple[Any, ...],
     meta: dict[str, Any],
     hq: int,
+    group_size: int,
     batch: int,
     total_q: int,
     head_dim: int,
     config: tuple[int, ...] | None,
+    variant: str = "base",
 ) -> None:
-    # Grid size: num_heads_q * (T_q // BLOCK_M + B) virtual query blocks (see the kernel).
+    # Grid size: (programs per block row) * (T_q // positions_per_block + B) virtual query
+    # blocks (see the kernels). Base/wide: one head per program; gqa_pack: PACK heads.
+    if variant == "gqa_pack":
+        meta = dict(meta)
+        if config is not None:
+            pack = _pack_for(group_size, int(config[0]))
+        else:  # every autotune candidate has BLOCK_M >= 64, a multiple of _PACK_MAX
+            pack = _pack_for(group_size, 64)
+        meta["PACK"] = pack
+    else:
+        pack = 1
+    programs = hq // pack
     if config is not None:
         block_m, block_n, num_warps, num_stages = (tuple(config) + (4, 2))[:4]
-        grid = (hq * (total_q // block_m + batch),)
-        _build_kernels()[grid](
+        grid = (programs * (total_q // (block_m // pack) + batch),)
+        _kernel_for(variant)[grid](
             *args, **meta, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps,
             num_stages=num_stages,
         )  # fmt: skip
         return
 
     def grid_fn(meta_: dict[str, Any]) -> tuple[int]:
-        return (hq * (total_q // meta_["BLOCK_M"] + batch),)
+        return (programs * (total_q // (meta_["BLOCK_M"] // pack) + batch),)
 
-    _autotuned_kernel(head_dim)[grid_fn](*args, **meta)
+    _autotuned_kernel(head_dim, variant)[grid_fn](*args, **meta)
 
 
 # ----------------------------------------------------------------------------------------

@@ -1,7 +1,9 @@
 """The FastAPI app, its gateway middleware, and the uvicorn server that drains on SIGTERM.
 
 Routes: ``POST /v1/embeddings`` (OpenAI), ``POST /embed`` and ``POST /tokenize``
-(text-embeddings-inference style), ``GET /v1/models``, ``GET /health``, ``GET /metrics``.
+(text-embeddings-inference style), ``POST /v1/completions`` and
+``POST /v1/chat/completions`` (OpenAI, in ``completions.py``), ``GET /v1/models``,
+``GET /health``, ``GET /metrics``.
 
 ``GatewayMiddleware`` runs before any route: 503 while draining, 401 without the API key,
 413 for a body over the payload limit (it reads the body once, bounded, and replays it),
@@ -33,6 +35,8 @@ from slipstream import __version__
 from slipstream.engine.engine import Engine
 from slipstream.errors import InputError
 from slipstream.server.async_engine import AsyncEngine
+from slipstream.server.chat import ChatTemplate, ChatTemplateError
+from slipstream.server.completions import add_generation_routes
 from slipstream.server.errors import APIError, error_response, install_error_handlers, to_api_error
 from slipstream.server.metrics import CONTENT_TYPE, ServerMetrics
 from slipstream.server.protocol import (
@@ -55,6 +59,8 @@ T = TypeVar("T")
 ENDPOINTS = frozenset(
     {
         "/v1/embeddings",
+        "/v1/completions",
+        "/v1/chat/completions",
         "/embed",
         "/tokenize",
         "/v1/models",
@@ -91,6 +97,15 @@ class ServerContext:
         self._warm = False
         self._ready_logged = False
         self._warm_task: asyncio.Task[None] | None = None
+        # Read (and compiled) once; a broken template fails only the chat route.
+        self.chat_template: ChatTemplate | None = None
+        self.chat_template_problem: str | None = None
+        if self.supports_generation:
+            try:
+                self.chat_template = ChatTemplate.load(engine.model_dir, settings.chat_template)
+            except ChatTemplateError as e:
+                self.chat_template_problem = str(e)
+                logger.warning("%s: /v1/chat/completions will answer 400", e)
 
     # ------------------------------------------------------------------ lifecycle
     async def startup(self) -> None:
@@ -159,6 +174,36 @@ class ServerContext:
                 param="model",
                 code="model_not_found",
             )
+
+    @property
+    def supports_generation(self) -> bool:
+        # What GenerationEngine accepts (it raises ConfigError for other architectures).
+        return self.engine.model_config.arch == "qwen3"
+
+    def check_generation(self) -> None:
+        """400 for a model that only embeds (BERT), before anything else is looked at."""
+        if not self.supports_generation:
+            arch = self.engine.model_config.arch
+            raise APIError(
+                400,
+                f"model does not support generation: {self.settings.served_model_name!r} is a "
+                f"{arch} model (embeddings only); text generation needs a causal LM (qwen3)",
+                param="model",
+                code="model_not_supported",
+            )
+
+    def require_chat_template(self) -> ChatTemplate:
+        if self.chat_template is not None:
+            return self.chat_template
+        if self.chat_template_problem is not None:
+            message = self.chat_template_problem
+        else:
+            message = (
+                f"the model {self.settings.served_model_name!r} has no chat template (no "
+                "chat_template in its tokenizer_config.json): use /v1/completions with your own "
+                "prompt format, or start the server with --chat-template FILE"
+            )
+        raise APIError(400, message, param="messages", code="chat_template_missing")
 
     def parse_inputs(self, inputs: Any, param: str) -> list[str | list[int]]:
         with _param_as(param):
@@ -416,7 +461,7 @@ def create_app(
     app = FastAPI(
         title="slipstream",
         version=__version__,
-        description="OpenAI-compatible embedding server (slipstream).",
+        description="OpenAI-compatible embedding and text generation server (slipstream).",
         lifespan=lifespan,
         redoc_url=None,
     )
@@ -455,6 +500,8 @@ def create_app(
                 "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
             }
         )
+
+    add_generation_routes(app, ctx)
 
     @app.post(
         "/embed",

@@ -1,33 +1,46 @@
-"""AsyncEngine: one scheduler loop owns the model; HTTP handlers enqueue and await.
+"""AsyncEngine: one model thread owns the model; HTTP handlers enqueue and await.
 
-Request path: a handler is admitted (``admit``: the in-flight input count, 429 above the
+The model thread is a ``ModelWorker`` (``worker.py``). It runs, in turn, one embedding
+forward (when inputs are queued) and one generation step (when generation requests are
+unfinished), so embeddings and generations share the model without starving each other.
+
+Embeddings: a handler is admitted (``admit``: the in-flight input count, 429 above the
 limit), tokenizes its inputs in a thread (``tokenize``: one ``encode_batch`` call per
 request, off the event loop) and calls ``embed``, which queues one item per input and
-awaits a future. The scheduler loop (an asyncio task) takes queued items oldest first,
+awaits a future. The scheduler task on the event loop takes queued items oldest first,
 packs them into one ``Batch`` under ``max_batch_tokens`` / ``max_batch_size`` (items of
-several requests share a forward), runs the forward on the single model thread, applies
+several requests share a forward) and hands the forward to the model thread; it applies
 each item's own ``normalize`` / ``dimensions`` and resolves a request's future once all its
-inputs are done. While a forward runs, new items queue up and go into the next one.
+inputs are done. While a forward runs, new items queue up and go into the next one. The
+offline ``Engine`` is batch-invariant, so a vector served here equals ``Engine.embed`` on
+the same input whatever it was packed with. A cancelled ``embed`` (client gone) drops its
+queued items; a failed forward fails only the requests with an input in it.
 
-The offline ``Engine`` is batch-invariant, so a vector served here equals
-``Engine.embed`` on the same input whatever it was packed with.
-
-A cancelled ``embed`` (client gone) drops its queued items; a failed forward fails only
-the requests with an input in it (and drops their other queued items).
+Generation: a handler is admitted the same way (one input per prompt), tokenizes its
+prompts in a tokenizer thread (``tokenize_prompts``) and calls ``generate``, which posts
+one "add" message per prompt to the model thread and returns a ``GenerationStream``. The
+model thread creates the ``GenerationEngine`` on the first message (an embedding-only
+server never allocates a KV pool), adds the requests, steps, and hands each step's token
+deltas back to the event loop with ``loop.call_soon_threadsafe``; they land in the
+stream's asyncio queue. Closing a stream before it finished (client gone) posts an
+"abort", which frees the request's KV pages. A failed generation step fails the requests
+that were in the engine then, and the next request works.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
+import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import numpy as np
 import torch
@@ -36,7 +49,13 @@ from slipstream.engine.batch import Batch, Phase
 from slipstream.engine.engine import Engine
 from slipstream.errors import InputError
 from slipstream.layers.pooler import postprocess
+from slipstream.sampling import SamplingParams
 from slipstream.server.metrics import ServerMetrics
+from slipstream.server.worker import ModelWorker
+
+if TYPE_CHECKING:
+    from slipstream.engine.gen_request import GenerationOutput, StepOutput
+    from slipstream.engine.generation import GenerationEngine
 
 logger = logging.getLogger("slipstream.server")
 
@@ -53,6 +72,10 @@ class EngineStopped(Exception):
 
 class ForwardError(Exception):
     """The forward pass holding one of the request's inputs raised (HTTP 500)."""
+
+
+class GenerationUnavailable(Exception):
+    """The generation machinery (KV pool, scheduler) could not be created (HTTP 500)."""
 
 
 @dataclass(eq=False, slots=True)
@@ -81,10 +104,122 @@ class _Stats:
     # forwards whose inputs came from more than one request
     multi_request_forwards: int = 0
     dropped_inputs: int = field(default=0)
+    # generation (gen_requests counts prompts; the others are written by the model thread)
+    gen_requests: int = 0
+    gen_steps: int = 0
+    gen_step_failures: int = 0
+    gen_aborted: int = 0  # requests aborted in the engine (client gone, or shutdown)
 
 
+class Admission:
+    """Inputs counted in flight until ``release`` (idempotent)."""
+
+    __slots__ = ("_owner", "_n")
+
+    def __init__(self, owner: AsyncEngine, n: int) -> None:
+        self._owner = owner
+        self._n = n
+
+    def release(self) -> None:
+        if self._n:
+            self._owner._in_flight -= self._n
+            self._n = 0
+
+
+# ---------------------------------------------------------------------- generation
+@dataclass(frozen=True, slots=True)
+class GenDelta:
+    """What one generation step produced for one prompt of a request."""
+
+    index: int  # the prompt's position in the request
+    token_ids: list[int]  # new tokens (one per step)
+    text: str  # new text (may be empty: held back until decided, or incomplete UTF-8)
+    finished: bool
+    finish_reason: str | None = None  # "stop" | "length" when finished
+    output: GenerationOutput | None = None  # the whole result when finished
+
+
+@dataclass(frozen=True, slots=True)
+class _Failed:
+    error: BaseException
+
+
+@dataclass(frozen=True, slots=True)
+class _Add:
+    request_id: str
+    prompt: list[int]
+    params: SamplingParams
+    # max_new_tokens was a default: lower it to what the KV pool holds for this prompt
+    fit_to_cache: bool
+
+
+@dataclass(frozen=True, slots=True)
+class _Abort:
+    request_id: str
+
+
+@dataclass(eq=False, slots=True)
+class _GenSeq:
+    stream: GenerationStream
+    index: int
+    submitted: float
+    last: float | None = None  # when the last delta arrived
+
+
+class GenerationStream:
+    """The generations of one HTTP request (one per prompt), as an async iterator of
+    ``GenDelta`` in arrival order; it ends when every prompt has finished. A failure of any
+    prompt raises from the iteration and aborts the others. ``close()`` aborts whatever is
+    unfinished (call it when the client goes away); it is idempotent."""
+
+    def __init__(self, owner: AsyncEngine, request_ids: list[str], prompt_lens: list[int]):
+        self.request_ids = request_ids
+        self.prompt_lens = prompt_lens
+        self._owner = owner
+        self._queue: asyncio.Queue[GenDelta | _Failed] = asyncio.Queue()
+        self._unfinished = len(request_ids)
+        self._peeked: GenDelta | None = None
+        self._closed = False
+
+    async def first(self) -> GenDelta:
+        """Wait for the first delta (or the first error) without consuming it."""
+        if self._peeked is None:
+            self._peeked = await self._next()
+        return self._peeked
+
+    def __aiter__(self) -> GenerationStream:
+        return self
+
+    async def __anext__(self) -> GenDelta:
+        if self._peeked is not None:
+            delta, self._peeked = self._peeked, None
+            return delta
+        if self._unfinished == 0:
+            raise StopAsyncIteration
+        return await self._next()
+
+    async def _next(self) -> GenDelta:
+        item = await self._queue.get()
+        if isinstance(item, _Failed):
+            self.close()
+            raise item.error
+        if item.finished:
+            self._unfinished -= 1
+        return item
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._owner._close_stream(self)
+
+    def _push(self, item: GenDelta | _Failed) -> None:
+        self._queue.put_nowait(item)
+
+
+# ---------------------------------------------------------------------- the engine
 class AsyncEngine:
-    """Asyncio front of an ``Engine``; every method but the model thread runs on the loop."""
+    """Asyncio front of an ``Engine``. Public methods run on the event loop; the model runs
+    on the ``ModelWorker`` thread."""
 
     def __init__(
         self,
@@ -110,21 +245,31 @@ class AsyncEngine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wakeup: asyncio.Event | None = None
         self._task: asyncio.Task[None] | None = None
-        self._model_pool: ThreadPoolExecutor | None = None
+        self._worker: ModelWorker | None = None
         self._token_pool: ThreadPoolExecutor | None = None
+        # generation: loop side
+        self._gen_seqs: dict[str, _GenSeq] = {}
+        self._gen_ids = 0
+        # generation: model-thread side
+        self._gen: GenerationEngine | None = None
+        # generation tokenizer (tokenizer threads), loaded on first use
+        self._gen_tok: Any | None = None
+        self._gen_tok_loaded = False
+        self._gen_tok_lock = threading.Lock()
         if metrics is not None:
             metrics.bind_gauges(
                 lambda: self._queued, lambda: self._running, lambda: self._in_flight
             )
+            metrics.bind_generation_gauge(lambda: len(self._gen_seqs))
 
     # ------------------------------------------------------------------ lifecycle
     async def start(self) -> None:
-        """Start the scheduler loop on the running event loop."""
+        """Start the model thread and the embedding scheduler on the running event loop."""
         if self._task is not None:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="slipstream-model")
+        self._worker = ModelWorker(self._gen_tick, self._gen_busy, self._gen_exit)
         self._token_pool = ThreadPoolExecutor(
             self._tokenizer_threads, thread_name_prefix="slipstream-tokenize"
         )
@@ -132,16 +277,18 @@ class AsyncEngine:
         self._task = asyncio.create_task(self._run(), name="slipstream-scheduler")
 
     async def stop(self, timeout: float = 30.0) -> None:
-        """Take no new work, finish queued and running inputs (up to ``timeout`` s), stop."""
+        """Take no new work, finish queued and running inputs and generations (up to
+        ``timeout`` s), then stop; what is left fails with EngineStopped."""
         self._accepting = False
         deadline = time.monotonic() + timeout
-        while (self._queued or self._running) and time.monotonic() < deadline:
+        while (self._queued or self._running or self._gen_seqs) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
-        if self._queued or self._running:
+        if self._queued or self._running or self._gen_seqs:
             logger.warning(
-                "shutdown timeout: %d queued and %d running inputs abandoned",
+                "shutdown timeout: %d queued and %d running inputs, %d generations abandoned",
                 self._queued,
                 self._running,
+                len(self._gen_seqs),
             )
         if self._task is not None:
             self._task.cancel()
@@ -153,9 +300,14 @@ class AsyncEngine:
             if not item.req.future.done():
                 item.req.future.set_exception(stopped)
         self._queued = 0
-        for pool in (self._model_pool, self._token_pool):
-            if pool is not None:
-                pool.shutdown(wait=False, cancel_futures=True)
+        seqs, self._gen_seqs = self._gen_seqs, {}
+        for seq in seqs.values():
+            seq.stream._push(_Failed(stopped))
+        # The worker aborts its generation requests (freeing their pages) when it exits.
+        if self._worker is not None:
+            self._worker.shutdown(wait=False, cancel_futures=True)
+        if self._token_pool is not None:
+            self._token_pool.shutdown(wait=False, cancel_futures=True)
 
     @property
     def healthy(self) -> bool:
@@ -178,10 +330,14 @@ class AsyncEngine:
     def in_flight(self) -> int:
         return self._in_flight
 
+    @property
+    def generations(self) -> int:
+        """Generation requests (prompts) submitted and not yet finished or aborted."""
+        return len(self._gen_seqs)
+
     # ------------------------------------------------------------------ admission
-    @contextlib.contextmanager
-    def admit(self, num_inputs: int) -> Iterator[None]:
-        """Count ``num_inputs`` in flight for the block; raise Overloaded if over the limit."""
+    def reserve(self, num_inputs: int) -> Admission:
+        """Count ``num_inputs`` in flight until the admission is released (429 / 503)."""
         if not self._accepting:
             raise EngineStopped("the server is shutting down")
         limit = self.max_concurrent_inputs
@@ -191,12 +347,18 @@ class AsyncEngine:
                 f"the limit is {limit} (--max-concurrent-requests): retry later"
             )
         self._in_flight += num_inputs
+        return Admission(self, num_inputs)
+
+    @contextlib.contextmanager
+    def admit(self, num_inputs: int) -> Iterator[None]:
+        """Count ``num_inputs`` in flight for the block; raise Overloaded if over the limit."""
+        admission = self.reserve(num_inputs)
         try:
             yield
         finally:
-            self._in_flight -= num_inputs
+            admission.release()
 
-    # ------------------------------------------------------------------ work
+    # ------------------------------------------------------------------ embedding
     async def tokenize(
         self, inputs: Any, *, prompt_name: str | None = None, truncate: bool = True
     ) -> list[list[int]]:
@@ -215,14 +377,7 @@ class AsyncEngine:
         items = inputs if isinstance(inputs, list) else [inputs]
         for i, item in enumerate(items):
             if isinstance(item, str):
-                try:
-                    item.encode("utf-8")
-                except UnicodeEncodeError:
-                    # JSON can carry lone surrogates ("\ud800"), which no tokenizer accepts.
-                    raise InputError(
-                        f"input {i} is not valid Unicode text (it holds a lone surrogate)",
-                        param="input",
-                    ) from None
+                _check_unicode(item, f"input {i}", "input")
         return self.engine.tokenize(inputs, prompt_name=prompt_name, truncate=truncate)
 
     async def embed(
@@ -255,12 +410,20 @@ class AsyncEngine:
 
     async def run_on_model_thread(self, fn: Callable[[], T]) -> T:
         """Run ``fn`` on the model thread, between forwards (warm-up, tests, maintenance)."""
-        return await self._in_thread(self._model_pool, fn)
+        return await self._in_thread(self._worker, fn)
 
-    async def _in_thread(self, pool: ThreadPoolExecutor | None, fn: Callable[[], T]) -> T:
+    async def run_in_tokenizer_thread(self, fn: Callable[[], T]) -> T:
+        """Run ``fn`` in a tokenizer thread (CPU-bound request preparation)."""
+        return await self._in_thread(self._token_pool, fn)
+
+    async def _in_thread(self, pool: Executor | None, fn: Callable[[], T]) -> T:
         if pool is None or self._loop is None:
             raise EngineStopped("the engine is not running")
-        return await self._loop.run_in_executor(pool, fn)
+        try:
+            fut = pool.submit(fn)
+        except RuntimeError:  # shut down
+            raise EngineStopped("the engine is not running") from None
+        return await asyncio.wrap_future(fut, loop=self._loop)
 
     def _drop(self, req: _Request) -> None:
         """Forget a request's queued items (they are skipped when the loop reaches them)."""
@@ -328,7 +491,7 @@ class AsyncEngine:
         self._running = len(items)
         try:
             rows, seconds = await self._in_thread(
-                self._model_pool, functools.partial(self._forward, batch, options)
+                self._worker, functools.partial(self._forward, batch, options)
             )
         except (asyncio.CancelledError, EngineStopped):
             raise
@@ -387,3 +550,268 @@ class AsyncEngine:
             if not req.future.done():
                 req.future.set_exception(exc)
             self._drop(req)
+
+    # ------------------------------------------------------------------ generation (loop)
+    def generation_tokenizer(self) -> Any | None:
+        """The tokenizer generation prompts are encoded with (no special tokens added, no
+        truncation), loaded on first use; None if the model has no tokenizer.json."""
+        with self._gen_tok_lock:
+            if not self._gen_tok_loaded:
+                from slipstream.engine.generation import load_generation_tokenizer
+
+                self._gen_tok = load_generation_tokenizer(self.engine.model_dir)
+                self._gen_tok_loaded = True
+            return self._gen_tok
+
+    async def tokenize_prompts(self, prompts: Sequence[str | list[int]]) -> list[list[int]]:
+        """Validate and encode generation prompts in a tokenizer thread. Raises InputError."""
+        t0 = time.perf_counter()
+        seqs = await self._in_thread(
+            self._token_pool, functools.partial(self._tokenize_prompts_sync, list(prompts))
+        )
+        if self.metrics is not None:
+            self.metrics.tokenization_time.observe(time.perf_counter() - t0)
+        return seqs
+
+    def _tokenize_prompts_sync(self, prompts: list[str | list[int]]) -> list[list[int]]:
+        vocab = self.engine.model_config.vocab_size
+        out: list[list[int]] = []
+        texts: list[tuple[int, str]] = []
+        for i, p in enumerate(prompts):
+            if isinstance(p, str):
+                if p == "":
+                    raise InputError(f"prompt {i} is an empty string", param="prompt")
+                _check_unicode(p, f"prompt {i}", "prompt")
+                texts.append((i, p))
+                out.append([])
+                continue
+            if not p:
+                raise InputError(f"prompt {i} is an empty token list", param="prompt")
+            bad = next((t for t in p if not 0 <= t < vocab), None)
+            if bad is not None:
+                raise InputError(
+                    f"prompt {i}: token id {bad} is outside [0, {vocab}) (the model's vocabulary)",
+                    param="prompt",
+                )
+            out.append(list(p))
+        if texts:
+            for (i, _), ids in zip(
+                texts, self.encode_texts([t for _, t in texts], "prompt"), strict=True
+            ):
+                if not ids:
+                    raise InputError(f"prompt {i} tokenizes to no tokens", param="prompt")
+                out[i] = ids
+        return out
+
+    def encode_texts(self, texts: list[str], param: str) -> list[list[int]]:
+        """Generation-style encoding (in the calling thread): no special tokens added."""
+        tok = self.generation_tokenizer()
+        if tok is None:
+            raise InputError(
+                f"the model in {self.engine.model_dir} has no tokenizer.json: give token ids",
+                param=param,
+            )
+        return [list(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams | Sequence[SamplingParams],
+        *,
+        fit_to_cache: bool = False,
+    ) -> GenerationStream:
+        """Start generating for validated prompts (one ``SamplingParams``, or one per
+        prompt). ``fit_to_cache``: ``max_new_tokens`` was not asked for; lower it to what the
+        KV pool can hold for the prompt. Errors (a prompt the engine rejects, a failed step)
+        come out of the stream's iteration."""
+        if not self._accepting or self._worker is None or self._loop is None:
+            raise EngineStopped("the server is shutting down")
+        if isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError("one SamplingParams per prompt")
+        self._gen_ids += 1
+        base = f"gen-{self._gen_ids}"
+        rids = [f"{base}-{i}" for i in range(len(prompts))]
+        stream = GenerationStream(self, rids, [len(p) for p in prompts])
+        now = time.perf_counter()
+        for i, rid in enumerate(rids):
+            self._gen_seqs[rid] = _GenSeq(stream, i, now)
+        try:
+            self._worker.post(
+                *[
+                    _Add(rid, p, sp, fit_to_cache)
+                    for rid, p, sp in zip(rids, prompts, params, strict=True)
+                ]
+            )
+        except RuntimeError:
+            for rid in rids:
+                self._gen_seqs.pop(rid, None)
+            raise EngineStopped("the server is shutting down") from None
+        self.stats.gen_requests += len(prompts)
+        if self.metrics is not None:
+            self.metrics.gen_prompt_tokens.inc(sum(len(p) for p in prompts))
+        return stream
+
+    def _close_stream(self, stream: GenerationStream) -> None:
+        """Abort the stream's unfinished requests (their KV pages are freed)."""
+        aborts = []
+        for rid in stream.request_ids:
+            if self._gen_seqs.pop(rid, None) is not None:
+                aborts.append(_Abort(rid))
+        if not aborts:
+            return
+        if self.metrics is not None:
+            self.metrics.gen_finished.labels(finish_reason="abort").inc(len(aborts))
+        if self._worker is not None and not self._worker.closed:
+            with contextlib.suppress(RuntimeError):  # shut down meanwhile: it aborts all
+                self._worker.post(*aborts)
+
+    def _deliver(
+        self, events: list[tuple[str, StepOutput | BaseException]], seconds: float | None
+    ) -> None:
+        """On the loop: one generation step's results, into the requests' streams."""
+        m = self.metrics
+        if seconds is not None:
+            self._healthy = True
+            if m is not None:
+                m.gen_step_time.observe(seconds)
+        now = time.perf_counter()
+        for rid, ev in events:
+            seq = self._gen_seqs.get(rid)
+            if seq is None:  # closed by its client meanwhile, or the engine stopped
+                continue
+            if isinstance(ev, BaseException):
+                del self._gen_seqs[rid]
+                if m is not None:
+                    m.gen_finished.labels(finish_reason="error").inc()
+                seq.stream._push(_Failed(ev))
+                continue
+            n = len(ev.new_token_ids)
+            if m is not None:
+                if seq.last is None:
+                    m.time_to_first_token.observe(now - seq.submitted)
+                elif n:
+                    m.inter_token_latency.observe((now - seq.last) / n)
+                m.gen_tokens.inc(n)
+            seq.last = now
+            if ev.finished:
+                del self._gen_seqs[rid]
+                if m is not None:
+                    m.gen_finished.labels(finish_reason=ev.finish_reason or "stop").inc()
+            seq.stream._push(
+                GenDelta(
+                    seq.index,
+                    list(ev.new_token_ids),
+                    ev.new_text or "",
+                    ev.finished,
+                    ev.finish_reason,
+                    ev.output,
+                )
+            )
+
+    # ------------------------------------------------------------------ generation (model thread)
+    def _gen_busy(self) -> bool:
+        gen = self._gen
+        return gen is not None and gen.has_unfinished()
+
+    def _gen_tick(self, messages: list[Any]) -> None:
+        """On the model thread: apply posted adds / aborts, then one generation step."""
+        events: list[tuple[str, StepOutput | BaseException]] = []
+        for msg in messages:
+            if isinstance(msg, _Abort):
+                if self._gen is not None and self._gen.abort(msg.request_id) is not None:
+                    self.stats.gen_aborted += 1
+            else:
+                self._gen_add(msg, events)
+        gen = self._gen
+        seconds: float | None = None
+        if gen is not None and gen.has_unfinished():
+            t0 = time.perf_counter()
+            try:
+                with torch.inference_mode():
+                    outs = gen.step()
+            except Exception as e:
+                self.stats.gen_step_failures += 1
+                if self.metrics is not None:
+                    self.metrics.forward_failures.inc()
+                logger.error(
+                    "generation step failed; failing its %d requests", len(gen.requests), exc_info=e
+                )
+                self._gen_abort_all(
+                    events, ForwardError(f"the forward pass failed: {type(e).__name__}")
+                )
+            else:
+                seconds = time.perf_counter() - t0
+                self.stats.gen_steps += 1
+                events.extend((o.request_id, o) for o in outs)
+                if not outs and gen.has_unfinished() and not gen.scheduler.has_work():
+                    logger.error("generation stalled with unfinished requests")
+                    self._gen_abort_all(events, ForwardError("internal error: generation stalled"))
+        if events or seconds is not None:
+            self._to_loop(self._deliver, events, seconds)
+
+    def _gen_add(self, msg: _Add, events: list[tuple[str, StepOutput | BaseException]]) -> None:
+        gen = self._gen
+        if gen is None:
+            try:
+                gen = self._gen = self.engine.generation_engine()
+            except Exception as e:
+                logger.error("cannot create the generation machinery", exc_info=e)
+                events.append(
+                    (msg.request_id, GenerationUnavailable(f"text generation is unavailable: {e}"))
+                )
+                return
+        params = msg.params
+        if msg.fit_to_cache:
+            # The longest sequence caches prompt + max_new_tokens - 1 tokens.
+            room = gen.allocator.num_usable * gen.pool.page_size + 1 - len(msg.prompt)
+            if 1 <= room < params.max_new_tokens:
+                params = dataclasses.replace(params, max_new_tokens=room)
+        try:
+            gen.add_request(msg.prompt, params, request_id=msg.request_id, detokenize=True)
+        except InputError as e:
+            events.append((msg.request_id, e))
+        except Exception as e:
+            logger.error("adding generation request %s failed", msg.request_id, exc_info=e)
+            events.append((msg.request_id, ForwardError(f"internal error: {type(e).__name__}")))
+
+    def _gen_abort_all(
+        self, events: list[tuple[str, StepOutput | BaseException]], error: BaseException
+    ) -> None:
+        gen = self._gen
+        if gen is None:
+            return
+        for rid in list(gen.requests):
+            gen.abort(rid)
+            events.append((rid, error))
+
+    def _gen_exit(self) -> None:
+        """The worker stops: abort what is left so that the engine holds no KV pages."""
+        gen = self._gen
+        if gen is not None:
+            for rid in list(gen.requests):
+                if gen.abort(rid) is not None:
+                    self.stats.gen_aborted += 1
+
+    def _to_loop(self, fn: Callable[..., Any], *args: Any) -> None:
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting
+            loop.call_soon_threadsafe(fn, *args)
+
+    def generation_stats(self) -> dict[str, Any]:
+        """The generation engine's counters (read them on the model thread: see
+        ``run_on_model_thread``); empty before the first generation request."""
+        return {} if self._gen is None else self._gen.stats()
+
+
+def _check_unicode(text: str, what: str, param: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        # JSON can carry lone surrogates ("\ud800"), which no tokenizer accepts.
+        raise InputError(
+            f"{what} is not valid Unicode text (it holds a lone surrogate)", param=param
+        ) from None

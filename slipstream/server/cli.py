@@ -1,4 +1,4 @@
-"""``slipstream serve``: the OpenAI-compatible embedding server.
+"""``slipstream serve``: the OpenAI-compatible embedding and text generation server.
 
 Top-level imports stay light (argparse only) so that ``slipstream --help`` and
 ``slipstream serve --help`` do not import torch, fastapi or uvicorn.
@@ -16,7 +16,8 @@ logger = logging.getLogger("slipstream.server")
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.description = (
-        "Serve embeddings over HTTP: POST /v1/embeddings (OpenAI), POST /embed, "
+        "Serve embeddings and text generation over HTTP: POST /v1/embeddings, "
+        "POST /v1/completions, POST /v1/chat/completions (OpenAI), POST /embed, "
         "POST /tokenize, GET /v1/models, GET /health, GET /metrics."
     )
     p.add_argument(
@@ -103,6 +104,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "at least 1, leaving a core for HTTP and tokenization)",
     )
     p.add_argument("--access-log", action="store_true", help="log every request")
+    g = p.add_argument_group("text generation (Qwen3 models; created on the first request)")
+    g.add_argument(
+        "--max-completion-tokens",
+        type=int,
+        default=None,
+        help="most tokens one request may generate (max_tokens); 400 above. Also caps the "
+        "defaults (16 for completions, the rest of the context for chat). Default: no limit "
+        "but the model's context",
+    )
+    g.add_argument(
+        "--chat-template",
+        default=None,
+        metavar="FILE",
+        help="a Jinja chat template file to use instead of the model's own",
+    )
+    g.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="KV cache size in GiB (default: free GPU memory after a warm-up; 0.5 on CPU)",
+    )
+    g.add_argument(
+        "--disable-prefix-cache", action="store_true", help="turn the radix prefix cache off"
+    )
+    g.add_argument("--disable-cuda-graph", action="store_true", help="decode without CUDA graphs")
 
 
 def default_torch_threads() -> int:
@@ -120,6 +146,7 @@ def default_torch_threads() -> int:
 
 def run(args: argparse.Namespace) -> int:
     from slipstream.engine.engine import Engine
+    from slipstream.errors import ConfigError
     from slipstream.server.app import make_server
     from slipstream.server.settings import DEFAULT_SERVED_MODEL_NAME, ServerSettings
 
@@ -130,6 +157,12 @@ def run(args: argparse.Namespace) -> int:
             if args.model is None
             else (Path(args.model).resolve().name or str(args.model))
         )
+    chat_template = None
+    if args.chat_template is not None:
+        try:
+            chat_template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"--chat-template: cannot read {args.chat_template}: {e}") from e
     # Settings first: a bad flag fails before the model loads.
     settings = ServerSettings(
         served_model_name=name,
@@ -143,6 +176,8 @@ def run(args: argparse.Namespace) -> int:
         shutdown_timeout=args.shutdown_timeout,
         tokenizer_threads=args.tokenizer_threads,
         access_log=args.access_log,
+        max_completion_tokens=args.max_completion_tokens,
+        chat_template=chat_template,
     )
     engine = Engine(
         model=args.model,
@@ -151,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
         attention_backend=args.attention_backend,
         max_batch_tokens=args.max_batch_tokens,
         max_input_tokens=args.max_input_tokens,
+        kv_cache_gb=args.kv_cache_gb,
+        disable_prefix_cache=args.disable_prefix_cache,
+        disable_cuda_graph=args.disable_cuda_graph,
     )
     if engine.config.device == "cpu":
         import torch

@@ -16,7 +16,12 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from slipstream.errors import InputError
-from slipstream.server.async_engine import EngineStopped, ForwardError, Overloaded
+from slipstream.server.async_engine import (
+    EngineStopped,
+    ForwardError,
+    GenerationUnavailable,
+    Overloaded,
+)
 from slipstream.server.metrics import ServerMetrics
 
 logger = logging.getLogger("slipstream.server")
@@ -96,6 +101,8 @@ def to_api_error(exc: BaseException, request: Request | None = None) -> APIError
         return APIError(503, str(exc), code="draining", headers={"Retry-After": "1"})
     if isinstance(exc, ForwardError):
         return APIError(500, str(exc), code="forward_failed")
+    if isinstance(exc, GenerationUnavailable):
+        return APIError(500, str(exc), code="generation_unavailable")
     if isinstance(exc, RequestValidationError):
         return _validation_error(exc)
     if isinstance(exc, StarletteHTTPException):
@@ -126,6 +133,7 @@ def install_error_handlers(app: FastAPI, metrics: ServerMetrics) -> None:
         Overloaded,
         EngineStopped,
         ForwardError,
+        GenerationUnavailable,
         RequestValidationError,
         StarletteHTTPException,
         Exception,

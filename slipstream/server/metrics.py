@@ -27,6 +27,23 @@ _LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
+_TOKEN_LATENCY_BUCKETS = (
+    0.0005,
+    0.001,
+    0.002,
+    0.005,
+    0.01,
+    0.02,
+    0.03,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
 _POW2 = tuple(float(2**i) for i in range(0, 11))  # 1 .. 1024
 _TOKEN_BUCKETS = tuple(float(2**i) for i in range(2, 18))  # 4 .. 131072
 
@@ -102,7 +119,50 @@ class ServerMetrics:
             registry=r,
         )
         self.forward_failures = Counter(
-            "slipstream_forward_failures", "Forward passes that raised", registry=r
+            "slipstream_forward_failures",
+            "Forward passes (embedding forwards and generation steps) that raised",
+            registry=r,
+        )
+        # generation
+        self.generations_running = Gauge(
+            "slipstream_generation_requests_running",
+            "Generation requests (one per prompt) submitted and not yet finished",
+            registry=r,
+        )
+        self.gen_finished = Counter(
+            "slipstream_generation_requests",
+            "Generation requests (one per prompt) that ended, by finish reason "
+            "(stop, length, abort: the client left, error)",
+            ["finish_reason"],
+            registry=r,
+        )
+        self.gen_prompt_tokens = Counter(
+            "slipstream_generation_prompt_tokens",
+            "Prompt tokens of generation requests (after the chat template)",
+            registry=r,
+        )
+        self.gen_tokens = Counter(
+            "slipstream_generation_tokens",
+            "Tokens generated (a terminating EOS token included)",
+            registry=r,
+        )
+        self.time_to_first_token = Histogram(
+            "slipstream_time_to_first_token_seconds",
+            "Per generation request: from submission (after tokenization) to its first token",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "slipstream_inter_token_latency_seconds",
+            "Per generated token after the first: time since the request's previous token",
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.gen_step_time = Histogram(
+            "slipstream_generation_step_seconds",
+            "Per generation step (one forward over every running request, plus sampling)",
+            buckets=_TOKEN_LATENCY_BUCKETS,
+            registry=r,
         )
 
     def bind_gauges(
@@ -114,6 +174,9 @@ class ServerMetrics:
         self.queue_size.set_function(queued)
         self.running_inputs.set_function(running)
         self.inputs_in_flight.set_function(in_flight)
+
+    def bind_generation_gauge(self, running: Callable[[], float]) -> None:
+        self.generations_running.set_function(running)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -32,6 +32,12 @@ class ServerSettings:
     # Threads that tokenize (each request's inputs are one encode_batch call).
     tokenizer_threads: int = 1
     access_log: bool = False
+    # Most tokens one generation request may ask for (``max_tokens`` /
+    # ``max_completion_tokens``; 400 above). None: the model's context is the only limit.
+    # It also caps the defaults (16 for completions, the rest of the context for chat).
+    max_completion_tokens: int | None = None
+    # A Jinja chat template (the text) that replaces the model's own, if any.
+    chat_template: str | None = None
 
     def __post_init__(self) -> None:
         if not self.served_model_name:
@@ -54,5 +60,11 @@ class ServerSettings:
                 f"max_client_batch_size ({self.max_client_batch_size}), or a full request "
                 "could never be admitted"
             )
+        if self.max_completion_tokens is not None and self.max_completion_tokens < 1:
+            raise ConfigError(
+                f"max_completion_tokens must be >= 1, got {self.max_completion_tokens}"
+            )
+        if self.chat_template is not None and not self.chat_template.strip():
+            raise ConfigError("chat_template must not be empty (leave it unset to use the model's)")
         if self.shutdown_timeout < 0:
             raise ConfigError(f"shutdown_timeout must be >= 0, got {self.shutdown_timeout}")
