@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU test and benchmark in one call (the GPU lease is short and each start costs
 # minutes). Usage: bash scripts/gpu_check.sh [stage ...]
-#   stages: env tests attn profile embed embed-fp8 embed-long embed-short generate (default: all)
+#   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
+#   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
 set -uo pipefail
@@ -12,7 +13,7 @@ mkdir -p "$RES"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 export TOKENIZERS_PARALLELISM=false
 CK=${CK:-/tmp/slipstream_ck}
-STAGES=${*:-env tests attn profile embed embed-fp8 embed-long embed-short generate}
+STAGES=${*:-env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate}
 PY=python3
 log() { echo "=== $(date +%T) $*"; }
 
@@ -37,8 +38,8 @@ for stage in $STAGES; do
     ;;
   attn)
     log "attention bench"
-    $PY benchmarks/attention_bench.py --json "$RES/attention_bench.json" --plot "$RES/attention_bench.png" \
-      2>&1 | tee "$RES/attention_bench.log"
+    $PY benchmarks/attention_bench.py --variants base,wide,gqa_pack --json "$RES/attention_bench.json" \
+      --plot "$RES/attention_bench.png" 2>&1 | tee "$RES/attention_bench.log"
     ;;
   profile)
     need_ckpt || continue
@@ -66,6 +67,13 @@ for stage in $STAGES; do
       --dtype bfloat16 --quantization fp8 --baseline hf --json "$RES/embed_mixed_fp8.json" \
       --plot "$RES/embed_mixed_fp8.png" 2>&1 | tee "$RES/embed_mixed_fp8.log"
     ;;
+  embed-fp8-big)
+    need_ckpt || continue
+    log "bench embed mixed fp8, 65536-token forwards"
+    $PY -m slipstream bench embed --model "$CK/qwen3-0.6b" --workload mixed --items 400 --device cuda \
+      --dtype bfloat16 --quantization fp8 --max-batch-tokens 65536 --baseline hf \
+      --json "$RES/embed_mixed_fp8_65k.json" 2>&1 | tee "$RES/embed_mixed_fp8_65k.log"
+    ;;
   embed-long)
     need_ckpt || continue
     log "bench embed long"
@@ -82,7 +90,7 @@ for stage in $STAGES; do
     need_ckpt || continue
     log "bench generate"
     $PY -m slipstream bench generate --model "$CK/qwen3-0.6b" --device cuda --dtype bfloat16 \
-      --json "$RES/generate.json" 2>&1 | tee "$RES/generate.log"
+      --kv-cache-gb 16 --output "$RES/generate.json" 2>&1 | tee "$RES/generate.log"
     ;;
   *) echo "unknown stage $stage" ;;
   esac

@@ -37,7 +37,7 @@ CUDA graph. Environment knobs (read per call):
 * ``SLIPSTREAM_FLASH_CONFIG=BLOCK_M,BLOCK_N,num_warps,num_stages``: force one config.
 * ``SLIPSTREAM_DEBUG=1``: also check the values of cu_seqlens on CUDA (a device sync).
 * ``SLIPSTREAM_FLASH_VARIANT=base|wide|gqa_pack``: kernel variant (see ``VARIANTS``; default
-  ``base``). ``wide``: same kernel, wider autotune space. ``gqa_pack``: the query heads that
+  ``gqa_pack``, the fastest in benchmarks/results/attention_variants_h100.json). ``wide``: same kernel, wider autotune space. ``gqa_pack``: the query heads that
   share a kv head are stacked into one Q tile, so each K/V tile load serves all of them.
 
 The Python wrapper launches directly in plain eager mode (saves ~10 us of dispatcher boxing
@@ -404,7 +404,7 @@ _CONFIGS_BY_HEAD_DIM[16] = _CONFIGS_BY_HEAD_DIM[32]
 # ----------------------------------------------------------------------------------------
 # Variants (A/B testing). SLIPSTREAM_FLASH_VARIANT (read per call) or `variant=` picks one:
 #
-# * ``base``: the kernel and autotune list above (the default until the A/B is measured).
+# * ``base``: the kernel and autotune list above.
 # * ``wide``: the same kernel, a wider autotune space (more stage counts, BLOCK_N 32 with 4 or
 #   8 warps), pruned by the max_seqlen buckets. (64x128 tiles on 4 warps were left out: they
 #   spill ~100 bytes per thread on sm_90a with Triton 3.6.)
@@ -414,7 +414,9 @@ _CONFIGS_BY_HEAD_DIM[16] = _CONFIGS_BY_HEAD_DIM[32]
 # ----------------------------------------------------------------------------------------
 
 VARIANTS = ("base", "wide", "gqa_pack")
-_DEFAULT_VARIANT = "base"
+# Default from the H100 A/B (benchmarks/results/attention_variants_h100.json): gqa_pack was
+# 1.00x base on one causal 7168-token sequence and 1.04x on the packed mixed batch.
+_DEFAULT_VARIANT = "gqa_pack"
 
 # Extra candidates of the `wide` variant (added to the base list of the head_dim).
 _WIDE_EXTRA: dict[int, list[tuple[int, int, int, int]]] = {
