@@ -275,7 +275,12 @@ def test_variant_env_is_read_per_call(monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(ValueError, match="unknown variant"):
         flash_attn_varlen(q, k, v, torch.empty_like(q), cu, cu, 18, 18)
     monkeypatch.delenv("SLIPSTREAM_FLASH_VARIANT")
-    assert fa._resolve_variant(None) == fa._DEFAULT_VARIANT
+    assert fa._resolve_variant(None) == fa._DEFAULT_VARIANT == "gqa_pack"
+    # one causal sequence defaults to base (faster there on the H100 A/B), packs to gqa_pack
+    assert fa._resolve_variant(None, num_seqs=1, causal=True) == "base"
+    assert fa._resolve_variant(None, num_seqs=1, causal=False) == "gqa_pack"
+    assert fa._resolve_variant(None, num_seqs=5, causal=True) == "gqa_pack"
+    assert fa._resolve_variant("wide", num_seqs=1, causal=True) == "wide"
 
 
 def test_variant_config_lists_are_valid() -> None:

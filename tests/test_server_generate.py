@@ -4,7 +4,8 @@ One live uvicorn on loopback serves a random qwen3-tiny checkpoint (fp32, CPU, w
 tokenizer and a chat template). Its answers are compared with the offline
 ``Engine.generate`` of a second engine on the same checkpoint: greedy token for token,
 seeded sampling too. Small apps without a live server (starlette's TestClient) cover the
-BERT model and the lazy KV pool; ``AsyncEngine`` itself covers draining.
+BERT model and the lazy KV pool; ``AsyncEngine`` itself covers draining, and the real
+``python -m slipstream serve`` in a subprocess covers SIGTERM during a stream.
 """
 
 from __future__ import annotations
@@ -12,7 +13,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -636,8 +642,6 @@ def test_client_disconnect_mid_stream_aborts_the_request(live: LiveServer) -> No
         f"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
         f"Content-Type: application/json\r\nContent-Length: {len(raw_body)}\r\n\r\n"
     ).encode() + raw_body
-    import socket
-
     sock = socket.create_connection(("127.0.0.1", live.port))
     sock.sendall(raw)
     _wait_for(lambda: ae.generations == 1)
@@ -850,3 +854,53 @@ def test_stop_drains_generations_within_the_timeout(tiny_qwen3: Path) -> None:
 
 async def _drain(stream: Any) -> list[Any]:
     return [d async for d in stream]
+
+
+def test_sigterm_drains_a_streaming_generation(tiny_qwen3: Path) -> None:
+    """The real command: SIGTERM while a generation streams; it runs to its end, exit 0."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "slipstream", "serve", "--model", str(tiny_qwen3),
+           "--port", "0", "--shutdown-timeout", "60", "--kv-cache-gb", "0.01"]  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env
+    )
+    log: list[str] = []
+    ready = threading.Event()
+    found: dict[str, str] = {}
+
+    def read_log() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            log.append(line)
+            m = re.search(r"ready on (http://[\d.]+:\d+):", line)
+            if m:
+                found["url"] = m.group(1)
+                ready.set()
+
+    reader = threading.Thread(target=read_log, daemon=True)
+    reader.start()
+    try:
+        assert ready.wait(120), "".join(log)
+        body = {"prompt": PROMPTS[0], "max_tokens": 400, "ignore_eos": True, "stream": True,
+                "temperature": 0}  # fmt: skip
+        events: list[Any] = []
+        with httpx.Client(base_url=found["url"], timeout=60) as c:
+            with c.stream("POST", "/v1/completions", json=body) as r:
+                assert r.status_code == 200
+                for line in r.iter_lines():
+                    if line:
+                        events.append(line)
+                    if len(events) == 2:
+                        proc.send_signal(signal.SIGTERM)
+        assert events[-1] == "data: [DONE]"
+        finals = [json.loads(e[6:]) for e in events[:-1]]
+        assert finals[-1]["choices"][0]["finish_reason"] == "length"
+        assert proc.wait(60) == 0, "".join(log)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    reader.join(10)
+    text = "".join(log)
+    assert re.search(r"draining: no new requests; finishing 1 in-flight inputs", text), text
+    assert "slipstream server stopped" in text and "Traceback" not in text

@@ -463,10 +463,18 @@ def _variant_configs(variant: str, head_dim: int) -> list[tuple[int, int, int, i
     return list(_CONFIGS_BY_HEAD_DIM[head_dim])
 
 
-def _resolve_variant(variant: str | None) -> str:
-    """`variant` argument, else SLIPSTREAM_FLASH_VARIANT (read on every call), else default."""
+def _resolve_variant(variant: str | None, num_seqs: int = 2, causal: bool = False) -> str:
+    """`variant` argument, else SLIPSTREAM_FLASH_VARIANT (read on every call), else default.
+
+    The default is `gqa_pack`, except `base` for one causal sequence: on the H100 A/B runs
+    (benchmarks/results/attention_variants_h100.json, attention_bench_h100.json) base was
+    tied and then 4% ahead on the causal 7168-token case, while gqa_pack led by 3-4% on the
+    packed mixed batch and by 1-2% bidirectional.
+    """
     name = variant if variant is not None else os.environ.get("SLIPSTREAM_FLASH_VARIANT", "")
-    name = name.strip() or _DEFAULT_VARIANT
+    name = name.strip()
+    if not name:
+        name = "base" if causal and num_seqs == 1 else _DEFAULT_VARIANT
     if name not in VARIANTS:
         raise ValueError(
             f"flash_attn_varlen: unknown variant {name!r} (SLIPSTREAM_FLASH_VARIANT); "
@@ -903,7 +911,7 @@ def _launch(
     interpreter, which always uses a small fixed config). `variant` (one of VARIANTS) overrides
     SLIPSTREAM_FLASH_VARIANT.
     """
-    variant = _resolve_variant(variant)
+    variant = _resolve_variant(variant, cu_seqlens_q.shape[0] - 1, causal)
     if not _fast_checks_pass(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
     ):

@@ -1,11 +1,17 @@
-"""The OpenAI-compatible HTTP embedding server (``slipstream serve``).
+"""The OpenAI-compatible HTTP server for embeddings and text generation (``slipstream serve``).
 
 Modules:
 
 - ``cli``: the ``serve`` command's flags; imports the web stack only inside ``run``.
 - ``settings``: the frozen ``ServerSettings``.
-- ``async_engine``: ``AsyncEngine``, the one scheduler loop that owns the model and packs
-  queued inputs of all requests into forwards.
+- ``async_engine``: ``AsyncEngine``: packs queued embedding inputs of all requests into
+  forwards, and feeds generation requests to the ``GenerationEngine`` (token deltas come
+  back as ``GenerationStream``s).
+- ``worker``: ``ModelWorker``, the one thread that owns the model: it alternates embedding
+  forwards and generation steps.
+- ``completions``: ``POST /v1/completions`` and ``POST /v1/chat/completions`` (validation,
+  server-sent events).
+- ``chat``: the model's Jinja chat template, rendered as transformers does.
 - ``protocol``: pydantic request and response models (the OpenAPI schema).
 - ``errors``: ``APIError`` and the single mapping from exceptions to status codes.
 - ``metrics``: Prometheus metrics, one registry per app.

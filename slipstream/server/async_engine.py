@@ -34,6 +34,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import random
 import threading
 import time
 from collections import deque
@@ -250,6 +251,8 @@ class AsyncEngine:
         # generation: loop side
         self._gen_seqs: dict[str, _GenSeq] = {}
         self._gen_ids = 0
+        # Request ids stay unique even if another AsyncEngine drove this Engine before.
+        self._gen_prefix = f"srv-{random.getrandbits(32):08x}"
         # generation: model-thread side
         self._gen: GenerationEngine | None = None
         # generation tokenizer (tokenizer threads), loaded on first use
@@ -631,7 +634,7 @@ class AsyncEngine:
         if len(params) != len(prompts):
             raise ValueError("one SamplingParams per prompt")
         self._gen_ids += 1
-        base = f"gen-{self._gen_ids}"
+        base = f"{self._gen_prefix}-{self._gen_ids}"
         rids = [f"{base}-{i}" for i in range(len(prompts))]
         stream = GenerationStream(self, rids, [len(p) for p in prompts])
         now = time.perf_counter()
@@ -783,7 +786,11 @@ class AsyncEngine:
         if gen is None:
             return
         for rid in list(gen.requests):
-            gen.abort(rid)
+            try:
+                gen.abort(rid)
+            except Exception:  # keep the worker from retrying a broken request forever
+                logger.exception("aborting generation request %s failed; dropping it", rid)
+                gen.requests.pop(rid, None)
             events.append((rid, error))
 
     def _gen_exit(self) -> None:

@@ -104,16 +104,8 @@ class ModelWorker(Executor):
                 job = self._jobs.popleft() if self._jobs else None
                 messages, self._inbox = self._inbox, []
             if job is not None:
-                fut, fn, args, kwargs = job
-                if fut.set_running_or_notify_cancel():
-                    try:
-                        result = fn(*args, **kwargs)
-                    except BaseException as e:  # noqa: BLE001 (handed to the awaiting side)
-                        fut.set_exception(e)
-                    else:
-                        fut.set_result(result)
-                    result = None
-                job = None  # drop references to the job's arguments while idle
+                self._run_job(*job)
+                job = None  # hold no reference to the job's arguments while idle
             try:
                 self._tick(messages)
             except Exception:  # the worker must never die; tick reports its own errors
@@ -123,3 +115,16 @@ class ModelWorker(Executor):
                 self._on_exit()
             except Exception:
                 logger.exception("model worker clean-up failed")
+
+    @staticmethod
+    def _run_job(
+        fut: Future[Any], fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict
+    ) -> None:
+        if not fut.set_running_or_notify_cancel():
+            return  # cancelled while queued
+        try:
+            result = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 (handed to the awaiting side)
+            fut.set_exception(e)
+        else:
+            fut.set_result(result)
