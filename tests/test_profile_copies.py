@@ -99,7 +99,10 @@ def test_torch_backend_copies_once_per_sequence_per_layer(torch_engine: Engine) 
     assert res["attention_region_found"]
     cfg = torch_engine.model_config
     out_bytes = 64 * cfg.num_heads * cfg.head_dim * 4  # both sequences' rows, float32
-    assert all(b >= out_bytes for b in res["dtod_bytes_per_layer"])
+    *full, last = res["dtod_bytes_per_layer"]
+    assert all(b >= out_bytes for b in full)
+    # last-token pooling: the final layer computes one attention row per sequence
+    assert last == batch * cfg.num_heads * cfg.head_dim * 4
 
 
 def test_cli_writes_json(tiny_qwen3: Path, tmp_path: Path) -> None:

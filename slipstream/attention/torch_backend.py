@@ -42,15 +42,14 @@ class TorchAttentionBackend(AttentionBackend):
             if lq == 0:
                 sk += lk
                 continue
-            qs = q[sq : sq + lq].transpose(0, 1)  # [Hq, Lq, D]
-            ks = k[sk : sk + lk].transpose(0, 1)  # [Hkv, Lk, D]
-            vs = v[sk : sk + lk].transpose(0, 1)
-            if group > 1:
-                ks = ks.repeat_interleave(group, dim=0)
-                vs = vs.repeat_interleave(group, dim=0)
+            # 4-D [1, H, L, D] views (no copies): SDPA's fused GPU kernels take 4-D inputs only,
+            # and enable_gqa lets them read the shared K/V heads instead of repeating them.
+            qs = q[sq : sq + lq].transpose(0, 1).unsqueeze(0)  # [1, Hq, Lq, D]
+            ks = k[sk : sk + lk].transpose(0, 1).unsqueeze(0)  # [1, Hkv, Lk, D]
+            vs = v[sk : sk + lk].transpose(0, 1).unsqueeze(0)
             mask = None
             is_causal = False
-            if meta.causal:
+            if meta.causal and lq > 1:
                 if lq == lk:
                     is_causal = True
                 else:
@@ -58,9 +57,11 @@ class TorchAttentionBackend(AttentionBackend):
                     qi = torch.arange(lq, device=q.device)[:, None]
                     kj = torch.arange(lk, device=q.device)[None, :]
                     mask = kj <= qi + (lk - lq)
+            # (a single query of a causal sequence is its last position: it sees every key)
             res = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=self.scale
-            )  # [Hq, Lq, D]
+                qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                enable_gqa=group > 1,
+            )[0]  # [Hq, Lq, D]
             out[sq : sq + lq].copy_(res.transpose(0, 1))
             sq += lq
             sk += lk
