@@ -48,10 +48,20 @@ def main() -> None:
     from slipstream import Engine
     from slipstream.bench.workloads import make_workload
 
-    engine = Engine(args.model, device="cuda", dtype="bfloat16",
-                    quantization=args.quantization, max_batch_tokens=args.max_batch_tokens)
-    wl = make_workload(args.workload, args.items, vocab_size=engine.model_config.vocab_size,
-                       max_len=engine.max_input_tokens, seed=0)
+    engine = Engine(
+        args.model,
+        device="cuda",
+        dtype="bfloat16",
+        quantization=args.quantization,
+        max_batch_tokens=args.max_batch_tokens,
+    )
+    wl = make_workload(
+        args.workload,
+        args.items,
+        vocab_size=engine.model_config.vocab_size,
+        max_len=engine.max_input_tokens,
+        seed=0,
+    )
     seqs = wl.token_ids
     engine.embed_token_ids(seqs, show_progress=False)
     torch.cuda.synchronize()
@@ -69,7 +79,9 @@ def main() -> None:
     per_kernel: dict[str, float] = {}
     for evt in prof.key_averages():
         dev_type = str(getattr(evt, "device_type", ""))
-        t = float(getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0))
+        t = float(
+            getattr(evt, "self_device_time_total", 0.0) or getattr(evt, "self_cuda_time_total", 0.0)
+        )
         if t <= 0 or "CPU" in dev_type and not t:
             continue
         if evt.key.startswith(("aten::", "slipstream::", "cuda", "ProfilerStep")):
@@ -79,9 +91,11 @@ def main() -> None:
     cats: dict[str, float] = {}
     for k, t in per_kernel.items():
         cats[category(k)] = cats.get(category(k), 0.0) + t
-    print(f"workload {args.workload} x{args.items}, quantization {args.quantization}: "
-          f"wall {wall * 1e3:.1f} ms (runs {[round(w * 1e3, 1) for w in walls]}), "
-          f"kernel time {total / 1e3:.1f} ms, max_batch_tokens {args.max_batch_tokens}")
+    print(
+        f"workload {args.workload} x{args.items}, quantization {args.quantization}: "
+        f"wall {wall * 1e3:.1f} ms (runs {[round(w * 1e3, 1) for w in walls]}), "
+        f"kernel time {total / 1e3:.1f} ms, max_batch_tokens {args.max_batch_tokens}"
+    )
     for c, t in sorted(cats.items(), key=lambda x: -x[1]):
         print(f"  {c:<18} {t / 1e3:9.2f} ms  {100 * t / total:5.1f}%")
     print("top kernels:")
@@ -90,11 +104,19 @@ def main() -> None:
         print(f"  {t / 1e3:9.2f} ms  {100 * t / total:5.1f}%  [{category(k)}] {k[:110]}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"workload": args.workload, "items": args.items,
-                       "quantization": args.quantization, "wall_ms": wall * 1e3,
-                       "kernel_ms": total / 1e3,
-                       "categories_ms": {c: t / 1e3 for c, t in cats.items()},
-                       "top_kernels_ms": [[k, t / 1e3] for k, t in top]}, f, indent=2)
+            json.dump(
+                {
+                    "workload": args.workload,
+                    "items": args.items,
+                    "quantization": args.quantization,
+                    "wall_ms": wall * 1e3,
+                    "kernel_ms": total / 1e3,
+                    "categories_ms": {c: t / 1e3 for c, t in cats.items()},
+                    "top_kernels_ms": [[k, t / 1e3] for k, t in top],
+                },
+                f,
+                indent=2,
+            )
 
 
 if __name__ == "__main__":

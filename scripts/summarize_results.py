@@ -16,8 +16,15 @@ def main(folder: str) -> None:
             print(f"{f.name}: unreadable ({e})")
             continue
         keys = [
-            "items_per_s", "baseline_items_per_s", "speedup", "mfu", "cosine_min",
-            "dtod_events_total", "dtod_events_per_layer", "forward_ms", "copy_share",
+            "items_per_s",
+            "baseline_items_per_s",
+            "speedup",
+            "mfu",
+            "cosine_min",
+            "dtod_events_total",
+            "dtod_events_per_layer",
+            "forward_ms",
+            "copy_share",
         ]
         picked = {k: d[k] for k in keys if k in d}
         if "dtod_events_per_layer" in picked:

@@ -16,7 +16,10 @@ from typing import Any
 # command name -> (module, help). Modules are imported only for the command that runs
 # (and for --help of that command).
 COMMANDS: dict[str, tuple[str, str]] = {
-    "serve": ("slipstream.server.cli", "serve embeddings over HTTP (OpenAI-compatible)"),
+    "serve": (
+        "slipstream.server.cli",
+        "OpenAI-compatible HTTP server: embeddings and text generation",
+    ),
     "profile-copies": (
         "slipstream.bench.profile_copies",
         "count device-to-device copies per layer in one forward pass",
@@ -74,12 +77,15 @@ def _run_embed(args: argparse.Namespace) -> int:
         print(json.dumps(payload))
         return 0
     print(f"model: {engine.model_dir}")
-    print(f"{len(vecs)} vector(s) of {vecs.shape[1]} dimensions "
-          f"(device {engine.config.device}, backend {engine.config.attention_backend})")
+    print(
+        f"{len(vecs)} vector(s) of {vecs.shape[1]} dimensions "
+        f"(device {engine.config.device}, backend {engine.config.attention_backend})"
+    )
     if len(vecs) == 1:
         v = vecs[0]
-        print(f"norm {np.linalg.norm(v):.4f}; first values: "
-              + " ".join(f"{x:+.4f}" for x in v[:8]))
+        print(
+            f"norm {np.linalg.norm(v):.4f}; first values: " + " ".join(f"{x:+.4f}" for x in v[:8])
+        )
         return 0
     unit = vecs / np.maximum(np.linalg.norm(vecs, axis=1, keepdims=True), 1e-12)
     cos = unit @ unit.T
@@ -103,11 +109,19 @@ def _generate_parser(sub: Any) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
     p.add_argument("--ignore-eos", action="store_true")
-    p.add_argument("--kv-cache-gb", type=float, default=None,
-                   help="KV cache size (default: free GPU memory after a warm-up forward)")
+    p.add_argument(
+        "--kv-cache-gb",
+        type=float,
+        default=None,
+        help="KV cache size (default: free GPU memory after a warm-up forward)",
+    )
     p.add_argument("--page-size", type=int, default=16, help="tokens per KV page")
-    p.add_argument("--chunked-prefill-tokens", type=int, default=8192,
-                   help="token budget of one forward; longer prompts are prefilled in chunks")
+    p.add_argument(
+        "--chunked-prefill-tokens",
+        type=int,
+        default=8192,
+        help="token budget of one forward; longer prompts are prefilled in chunks",
+    )
     p.add_argument("--disable-prefix-cache", action="store_true")
     p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON")
@@ -144,10 +158,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         print(json.dumps([
             {"prompt": p, "text": o.text, "token_ids": o.token_ids,
              "finish_reason": o.finish_reason}
-            for p, o in zip(args.prompts, outs)
+            for p, o in zip(args.prompts, outs, strict=False)
         ]))  # fmt: skip
         return 0
-    for p, o in zip(args.prompts, outs):
+    for p, o in zip(args.prompts, outs, strict=False):
         print(f"--- {p!r} -> ({len(o.token_ids)} tokens, {o.finish_reason})")
         print(f"{p}{o.text}")
     return 0
@@ -159,8 +173,12 @@ def _checkpoint_parser(sub: Any) -> None:
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="bfloat16")
-    p.add_argument("--layout", default="causal-lm", choices=["causal-lm", "model"],
-                   help="causal-lm: Qwen3ForCausalLM keys under model.; model: Qwen3Model")
+    p.add_argument(
+        "--layout",
+        default="causal-lm",
+        choices=["causal-lm", "model"],
+        help="causal-lm: Qwen3ForCausalLM keys under model.; model: Qwen3Model",
+    )
     p.add_argument("--untied", action="store_true", help="separate lm_head weights")
     p.set_defaults(func=_run_checkpoint)
 
@@ -169,7 +187,11 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     from slipstream.checkpoint import make_checkpoint
 
     out = make_checkpoint(
-        args.preset, args.out, seed=args.seed, dtype=args.dtype, layout=args.layout,
+        args.preset,
+        args.out,
+        seed=args.seed,
+        dtype=args.dtype,
+        layout=args.layout,
         tie_word_embeddings=False if args.untied else None,
     )
     print(f"wrote {args.preset} checkpoint to {out}")

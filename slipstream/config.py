@@ -117,10 +117,20 @@ class ModelConfig:
     eos_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads",
-                     "head_dim", "intermediate_size", "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "num_layers",
+            "num_heads",
+            "num_kv_heads",
+            "head_dim",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
             if getattr(self, name) <= 0:
-                raise ModelLoadError(f"config.json: {name} must be positive, got {getattr(self, name)}")
+                raise ModelLoadError(
+                    f"config.json: {name} must be positive, got {getattr(self, name)}"
+                )
         if self.num_heads % self.num_kv_heads != 0:
             raise ModelLoadError(
                 f"config.json: num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -318,8 +328,7 @@ def _pooling_mode(cfg: dict[str, Any], where: Path) -> PoolingMode:
         return "mean"
     modes = [k for k, v in cfg.items() if k.startswith("pooling_mode") and v]
     raise UnsupportedModelError(
-        f"pooling {modes} in {where} is not supported; supported: lasttoken, cls_token, "
-        "mean_tokens"
+        f"pooling {modes} in {where} is not supported; supported: lasttoken, cls_token, mean_tokens"
     )
 
 

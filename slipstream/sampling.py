@@ -61,10 +61,27 @@ class SamplingParams:
             raise InputError(f"top_p must be in (0, 1], got {self.top_p}", param="top_p")
         if isinstance(self.top_k, bool) or not isinstance(self.top_k, int):
             raise InputError("top_k must be an integer", param="top_k")
+        # Bounds that keep the batched int64 / float32 tensors of SamplingBatch exact: an
+        # out-of-range value must fail its own request here, not the whole batch's step.
+        if not -1 <= self.top_k < 2**31:
+            raise InputError(
+                f"top_k must be in [-1, 2**31), got {self.top_k} (0 or -1: no top-k filter)",
+                param="top_k",
+            )
         if self.seed is not None and (
-            isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0
+            isinstance(self.seed, bool)
+            or not isinstance(self.seed, int)
+            or not 0 <= self.seed < 2**63
         ):
-            raise InputError(f"seed must be a non-negative integer, got {self.seed}", param="seed")
+            raise InputError(
+                f"seed must be an integer in [0, 2**63), got {self.seed}", param="seed"
+            )
+        # Below these, float32 sampling degenerates (NaN probabilities): treat as greedy /
+        # as the single most likely token, which is what the limit means.
+        if 0.0 < self.temperature < 1e-5:
+            object.__setattr__(self, "temperature", 0.0)
+        if self.top_p < 1e-6:
+            object.__setattr__(self, "top_p", 1e-6)
         if isinstance(self.stop, str):
             object.__setattr__(self, "stop", (self.stop,))
         stop = tuple(self.stop)

@@ -24,8 +24,11 @@ class LazyBackend(AttentionBackend):
 
 def _qkv(t: int, hq: int = 4, hkv: int = 2, d: int = 8) -> tuple[torch.Tensor, ...]:
     g = torch.Generator().manual_seed(0)
-    return (torch.randn(t, hq, d, generator=g), torch.randn(t, hkv, d, generator=g),
-            torch.randn(t, hkv, d, generator=g))
+    return (
+        torch.randn(t, hq, d, generator=g),
+        torch.randn(t, hkv, d, generator=g),
+        torch.randn(t, hkv, d, generator=g),
+    )
 
 
 def test_debug_check_catches_unwritten_rows() -> None:

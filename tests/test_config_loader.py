@@ -45,7 +45,9 @@ def test_missing_and_unexpected_keys_are_named(tmp_path: Path, tiny_qwen3: Path)
     missing = dict(tensors)
     del missing["model.layers.1.self_attn.k_proj.weight"]
     save_file(missing, m / "model.safetensors")
-    with pytest.raises(ModelLoadError, match=r"layers\.1\.self_attn\.qkv_proj\.weight \(partition k\)"):
+    with pytest.raises(
+        ModelLoadError, match=r"layers\.1\.self_attn\.qkv_proj\.weight \(partition k\)"
+    ):
         Engine(m)
     extra = dict(tensors)
     extra["model.layers.0.mlp.surprise.weight"] = torch.zeros(2)
@@ -69,7 +71,9 @@ def test_no_safetensors(tmp_path: Path, tiny_qwen3: Path) -> None:
 def test_bad_engine_settings(tiny_qwen3: Path) -> None:
     with pytest.raises(ConfigError, match="unknown dtype 'float8'"):
         Engine(tiny_qwen3, dtype="float8")
-    with pytest.raises(ConfigError, match="unknown attention backend 'nope'; available: flash, torch"):
+    with pytest.raises(
+        ConfigError, match="unknown attention backend 'nope'; available: flash, torch"
+    ):
         Engine(tiny_qwen3, attention_backend="nope")
     with pytest.raises(ConfigError, match="max_batch_tokens"):
         Engine(tiny_qwen3, max_batch_tokens=0)

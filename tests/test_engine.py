@@ -53,7 +53,9 @@ def test_batches_respect_budget_and_results_keep_input_order(qwen3_engine: Engin
         np.testing.assert_allclose(got[i], qwen3_engine.embed([seqs[i]])[0], atol=1e-5)
 
 
-def test_progress_bar_when_several_forwards(qwen3_engine: Engine, capsys: pytest.CaptureFixture[str]) -> None:
+def test_progress_bar_when_several_forwards(
+    qwen3_engine: Engine, capsys: pytest.CaptureFixture[str]
+) -> None:
     small = Engine(qwen3_engine.model_dir, device="cpu", dtype="float32", max_batch_tokens=32)
     small.embed(_seqs(12), show_progress=True)
     assert "embedding" in capsys.readouterr().err
@@ -111,8 +113,12 @@ def test_prompts_by_name_and_literal(tmp_path: Path, tiny_qwen3: Path) -> None:
     model = tmp_path / "m"
     shutil.copytree(tiny_qwen3, model)
     (model / "config_sentence_transformers.json").write_text(
-        json.dumps({"prompts": {"query": "Instruct: find it\nQuery:", "document": ""},
-                    "default_prompt_name": None})
+        json.dumps(
+            {
+                "prompts": {"query": "Instruct: find it\nQuery:", "document": ""},
+                "default_prompt_name": None,
+            }
+        )
     )
     engine = Engine(model, device="cpu", dtype="float32")
     a = engine.embed(["cats"], prompt_name="query")
@@ -135,15 +141,31 @@ def test_model_without_tokenizer_takes_token_ids_only(tmp_path: Path, tiny_qwen3
         engine.embed(["text"])
 
 
-def test_mean_and_cls_pooling_from_sentence_transformers_files(tmp_path: Path, tiny_qwen3: Path) -> None:
+def test_mean_and_cls_pooling_from_sentence_transformers_files(
+    tmp_path: Path, tiny_qwen3: Path
+) -> None:
     import torch
 
     model = tmp_path / "pool"
     shutil.copytree(tiny_qwen3, model)
-    (model / "modules.json").write_text(json.dumps([
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
-    ]))
+    (model / "modules.json").write_text(
+        json.dumps(
+            [
+                {
+                    "idx": 0,
+                    "name": "0",
+                    "path": "",
+                    "type": "sentence_transformers.models.Transformer",
+                },
+                {
+                    "idx": 1,
+                    "name": "1",
+                    "path": "1_Pooling",
+                    "type": "sentence_transformers.models.Pooling",
+                },
+            ]
+        )
+    )
     (model / "1_Pooling").mkdir()
     seqs = [[4, 5, 6, 7], [9, 10]]
     ref_engine = Engine(tiny_qwen3, device="cpu", dtype="float32")
@@ -167,12 +189,19 @@ def test_mean_and_cls_pooling_from_sentence_transformers_files(tmp_path: Path, t
 
 
 @pytest.mark.parametrize("engine_name", ["qwen3_engine", "minilm_engine"])
-def test_flash_backend_equals_torch_backend(engine_name: str, request: pytest.FixtureRequest) -> None:
+def test_flash_backend_equals_torch_backend(
+    engine_name: str, request: pytest.FixtureRequest
+) -> None:
     """End to end through the Triton kernel (interpreter on CPU): same embeddings as the
     torch reference, and the debug check confirms every output row was written in place."""
     ref_engine: Engine = request.getfixturevalue(engine_name)
-    flash = Engine(ref_engine.model_dir, device="cpu", dtype="float32",
-                   attention_backend="flash", debug_checks=True)
+    flash = Engine(
+        ref_engine.model_dir,
+        device="cpu",
+        dtype="float32",
+        attention_backend="flash",
+        debug_checks=True,
+    )
     inputs = ["a short one", "the quick brown fox jumps over the lazy dog, twice over", "x"]
     a = flash.embed(inputs)
     b = ref_engine.embed(inputs)

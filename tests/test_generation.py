@@ -375,8 +375,9 @@ def test_cuda_graph_decode_matches_eager(ckpt: Path) -> None:
 
     prompts = PROMPTS + [list(range(200, 200 + n)) for n in (3, 70, 129)]
     # Each engine would otherwise size its pool from (nearly all) free GPU memory.
-    kw = dict(device="cuda", dtype="bfloat16", attention_backend="flash", page_size=16,
-              kv_cache_gb=1.0)
+    kw = dict(
+        device="cuda", dtype="bfloat16", attention_backend="flash", page_size=16, kv_cache_gb=1.0
+    )
     graphs = Engine(ckpt, **kw)  # type: ignore[arg-type]
     eager = Engine(ckpt, disable_cuda_graph=True, **kw)  # type: ignore[arg-type]
     gen = graphs.generation_engine()
@@ -397,8 +398,9 @@ def test_cuda_graph_decode_matches_eager(ckpt: Path) -> None:
 def test_cuda_graph_replay_logits_equal_eager_logits(ckpt: Path) -> None:
     """The same decode batch through a graph (bucket 4: one padded row) and eagerly: the
     logits agree, and the padded row never disturbs a real sequence."""
-    engine = Engine(ckpt, device="cuda", dtype="bfloat16", attention_backend="flash",
-                    kv_cache_gb=1.0)
+    engine = Engine(
+        ckpt, device="cuda", dtype="bfloat16", attention_backend="flash", kv_cache_gb=1.0
+    )
     gen = engine.generation_engine()
     for p in PROMPTS[:3]:
         gen.add_request(p, SamplingParams(max_new_tokens=3, temperature=0.0, ignore_eos=True))

@@ -149,3 +149,19 @@ def test_stop_token_ids_and_max_new_tokens(engine: Engine) -> None:
     assert engine.generation_engine().tokenizer is not None
     short = engine.generate([PROMPTS[0]], max_new_tokens=2, temperature=0.0)[0]
     assert short.finish_reason == "length" and short.token_ids == ref.token_ids[:2]
+
+
+def test_out_of_range_sampling_values_fail_their_own_request() -> None:
+    from slipstream.errors import InputError
+    from slipstream.sampling import SamplingParams
+
+    with pytest.raises(InputError, match="seed must be an integer in"):
+        SamplingParams(seed=2**63)
+    with pytest.raises(InputError, match="top_k must be in"):
+        SamplingParams(top_k=2**40)
+    with pytest.raises(InputError, match="top_k must be in"):
+        SamplingParams(top_k=-7)
+    assert SamplingParams(top_k=-1).top_k == -1
+    # a vanishing temperature is the greedy limit, a vanishing top_p keeps the top token
+    assert SamplingParams(temperature=1e-30).greedy
+    assert SamplingParams(top_p=1e-12).top_p == 1e-6

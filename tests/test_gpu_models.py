@@ -40,12 +40,21 @@ def _seqs(vocab: int, n: int = 12, seed: int = 0) -> list[list[int]]:
 def test_qwen3_bf16_cuda_matches_transformers_fp32(
     tmp_path: Path, tiny_qwen3: Path, backend: str, heads: int, kv: int, head_dim: int
 ) -> None:
-    model = save_hf_qwen3(tmp_path / "q", layout="causal-lm", num_heads=heads, num_kv_heads=kv,
-                          head_dim=head_dim, hidden=256, layers=4, tokenizer_from=tiny_qwen3)
+    model = save_hf_qwen3(
+        tmp_path / "q",
+        layout="causal-lm",
+        num_heads=heads,
+        num_kv_heads=kv,
+        head_dim=head_dim,
+        hidden=256,
+        layers=4,
+        tokenizer_from=tiny_qwen3,
+    )
     seqs = _seqs(1024)
     ref = _hf_pooled(model, seqs, "last")
-    engine = Engine(model, device="cuda", dtype="bfloat16", attention_backend=backend,
-                    debug_checks=True)
+    engine = Engine(
+        model, device="cuda", dtype="bfloat16", attention_backend=backend, debug_checks=True
+    )
     got = engine.embed(seqs, show_progress=False)
     cos = (got * ref).sum(1)
     assert cos.min() >= COS_MIN, cos
@@ -59,13 +68,24 @@ def test_bert_bf16_cuda_matches_transformers_fp32(tmp_path: Path, backend: str) 
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=384, num_hidden_layers=6,
-                     num_attention_heads=12, intermediate_size=1536, max_position_embeddings=512)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=384,
+        num_hidden_layers=6,
+        num_attention_heads=12,
+        intermediate_size=1536,
+        max_position_embeddings=512,
+    )
     BertModel(cfg).save_pretrained(tmp_path / "b")
     seqs = [s[:512] for s in _seqs(30522)]
     ref = _hf_pooled(tmp_path / "b", seqs, "mean")
-    engine = Engine(tmp_path / "b", device="cuda", dtype="bfloat16", attention_backend=backend,
-                    debug_checks=True)
+    engine = Engine(
+        tmp_path / "b",
+        device="cuda",
+        dtype="bfloat16",
+        attention_backend=backend,
+        debug_checks=True,
+    )
     got = engine.embed(seqs, show_progress=False)
     assert (got * ref).sum(1).min() >= COS_MIN
 

@@ -147,8 +147,8 @@ def _torch_qk(
     q = qkv[:, : hq * d].view(t, hq, d)
     k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
     return (
-        RotaryEmbedding.apply(_torch_norm(q, qw, eps), cos, sin),
-        RotaryEmbedding.apply(_torch_norm(k, kw, eps), cos, sin),
+        RotaryEmbedding.rotate(_torch_norm(q, qw, eps), cos, sin),
+        RotaryEmbedding.rotate(_torch_norm(k, kw, eps), cos, sin),
     )
 
 

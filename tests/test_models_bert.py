@@ -57,8 +57,14 @@ def random_bert(tmp_path_factory: pytest.TempPathFactory, minilm_dir: Path) -> P
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
-    cfg = BertConfig(vocab_size=30522, hidden_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, intermediate_size=96, max_position_embeddings=128)
+    cfg = BertConfig(
+        vocab_size=30522,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=96,
+        max_position_embeddings=128,
+    )
     out = tmp_path_factory.mktemp("bert")
     BertModel(cfg).save_pretrained(out)
     shutil.copy(minilm_dir / "tokenizer.json", out / "tokenizer.json")

@@ -18,21 +18,30 @@ CASES = {
     "mha-untied-causal": dict(layout="causal-lm", num_heads=4, num_kv_heads=4, tied=False),
     "gqa4-tied-causal": dict(layout="causal-lm", num_heads=8, num_kv_heads=2, tied=True, seed=1),
     "gqa-sharded-bf16": dict(
-        layout="causal-lm", num_heads=4, num_kv_heads=2, tied=True, dtype=torch.bfloat16,
+        layout="causal-lm",
+        num_heads=4,
+        num_kv_heads=2,
+        tied=True,
+        dtype=torch.bfloat16,
         max_shard_size="100KB",
     ),
 }
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
-def hf_qwen3(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory,
-             tiny_qwen3: Path) -> Path:
+def hf_qwen3(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory, tiny_qwen3: Path
+) -> Path:
     out = tmp_path_factory.mktemp(request.param)
     return save_hf_qwen3(out, tokenizer_from=tiny_qwen3, **CASES[request.param])
 
 
-SEQS = [[5, 17, 300, 2, 999, 41, 7], [1], [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 3],
-        [600, 601]]
+SEQS = [
+    [5, 17, 300, 2, 999, 41, 7],
+    [1],
+    [8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 3],
+    [600, 601],
+]
 
 
 def _cos(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -78,3 +87,11 @@ def test_qwen3_text_input_keeps_endoftext_when_truncated(tiny_qwen3: Path) -> No
     assert ids[-1] == eos
     (short,) = engine.tokenize(["the cat"])
     assert short[-1] == eos and len(short) < 8
+
+
+def test_module_apply_walks_every_submodule(tiny_qwen3: Path) -> None:
+    """nn.Module.apply recurses into children by name; no layer may shadow it."""
+    engine = Engine(tiny_qwen3, device="cpu", dtype="float32")
+    seen: list[str] = []
+    engine.runner.model.apply(lambda m: seen.append(type(m).__name__))
+    assert "RotaryEmbedding" in seen and "Qwen3DecoderLayer" in seen

@@ -54,18 +54,41 @@ class FlashAttentionBackend(AttentionBackend):
         if meta.is_decode:
             # Reads only device tensors: safe under CUDA-graph capture.
             paged_decode_attn(
-                q, out, k_cache, v_cache, meta.page_table, meta.kv_lens, meta.num_kv_splits,
+                q,
+                out,
+                k_cache,
+                v_cache,
+                meta.page_table,
+                meta.kv_lens,
+                meta.num_kv_splits,
                 self.scale,
             )
         elif meta.max_prefix_len == 0:
             # Nothing cached: plain causal varlen attention over the new tokens (the autotuned
             # kernel); their K/V were stored above for the steps that follow.
             flash_attn_varlen(
-                q, k, v, out, meta.cu_seqlens_q, meta.cu_seqlens_q, meta.max_seqlen_q,
-                meta.max_seqlen_q, causal=True, softmax_scale=self.scale,
+                q,
+                k,
+                v,
+                out,
+                meta.cu_seqlens_q,
+                meta.cu_seqlens_q,
+                meta.max_seqlen_q,
+                meta.max_seqlen_q,
+                causal=True,
+                softmax_scale=self.scale,
             )
         else:
             paged_prefill_attn(
-                q, k, v, out, k_cache, v_cache, meta.page_table, meta.cu_seqlens_q,
-                meta.prefix_lens_t, meta.max_seqlen_q, self.scale,
+                q,
+                k,
+                v,
+                out,
+                k_cache,
+                v_cache,
+                meta.page_table,
+                meta.cu_seqlens_q,
+                meta.prefix_lens_t,
+                meta.max_seqlen_q,
+                self.scale,
             )

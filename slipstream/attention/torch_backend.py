@@ -38,7 +38,7 @@ class TorchAttentionBackend(AttentionBackend):
             return
         group = self.num_heads // self.num_kv_heads
         sq = sk = 0
-        for lq, lk in zip(meta.seq_lens_q, meta.seq_lens_k):
+        for lq, lk in zip(meta.seq_lens_q, meta.seq_lens_k, strict=False):
             if lq == 0:
                 sk += lk
                 continue
@@ -59,7 +59,12 @@ class TorchAttentionBackend(AttentionBackend):
                     mask = kj <= qi + (lk - lq)
             # (a single query of a causal sequence is its last position: it sees every key)
             res = F.scaled_dot_product_attention(
-                qs, ks, vs, attn_mask=mask, is_causal=is_causal, scale=self.scale,
+                qs,
+                ks,
+                vs,
+                attn_mask=mask,
+                is_causal=is_causal,
+                scale=self.scale,
                 enable_gqa=group > 1,
             )[0]  # [Hq, Lq, D]
             out[sq : sq + lq].copy_(res.transpose(0, 1))

@@ -104,7 +104,10 @@ class Engine:
         self.runner = ModelRunner(self.config)
         logger.info(
             "slipstream engine ready: model=%s device=%s dtype=%s backend=%s",
-            model_dir, dev, str(self.config.dtype).removeprefix("torch."), backend,
+            model_dir,
+            dev,
+            str(self.config.dtype).removeprefix("torch."),
+            backend,
         )
 
     # ---------------------------------------------------------------- properties
@@ -115,6 +118,11 @@ class Engine:
     @property
     def max_input_tokens(self) -> int:
         return self.config.max_input_tokens
+
+    @property
+    def supports_generation(self) -> bool:
+        """Whether ``generate`` can run on this model (decoders with an LM head: Qwen3)."""
+        return self.model_config.arch == "qwen3"
 
     # ---------------------------------------------------------------- validation
     def check_dimensions(self, dimensions: int | None) -> None:
@@ -182,7 +190,7 @@ class Engine:
                     f"the model in {self.model_dir} has no tokenizer.json: give token ids, not text",
                     param="input",
                 )
-            for i, ids in zip(text_idx, self.tokenizer.encode_batch(texts, truncate)):
+            for i, ids in zip(text_idx, self.tokenizer.encode_batch(texts, truncate), strict=False):
                 if not ids:
                     raise InputError(f"input {i} tokenizes to no tokens", param="input")
                 out[i] = ids
@@ -198,9 +206,7 @@ class Engine:
     ) -> np.ndarray:
         """Embed already validated token-id lists; float32 [N, D] in input order."""
         self.check_dimensions(dimensions)
-        batches = plan_embed_batches(
-            seqs, self.config.max_batch_tokens, self.config.max_batch_size
-        )
+        batches = plan_embed_batches(seqs, self.config.max_batch_tokens, self.config.max_batch_size)
         dim = self.hidden_size if dimensions is None else int(dimensions)
         result = np.empty((len(seqs), dim), dtype=np.float32)
         if show_progress is None:

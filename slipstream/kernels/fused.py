@@ -249,7 +249,7 @@ def _qk_norm_rope_kernel(
     n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
     n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
 
-    # RotaryEmbedding.apply: cos/sin cast to the dtype first; out = x*c + rotate_half(x)*s,
+    # RotaryEmbedding.rotate: cos/sin cast to the dtype first; out = x*c + rotate_half(x)*s,
     # each product and the sum rounded to the dtype, as the torch expression is.
     c1 = tl.load(COS + t * stride_cos + d, mask=dmask, other=0.0).to(dt).to(tl.float32)[None, :]
     c2 = tl.load(COS + t * stride_cos + HALF + d, mask=dmask, other=0.0)

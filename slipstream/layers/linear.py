@@ -30,7 +30,7 @@ class Linear(nn.Module):
         self.partitions: dict[str, tuple[int, int]] = {}
         if partitions is not None:
             start = 0
-            for name, size in zip(partitions, sizes):
+            for name, size in zip(partitions, sizes, strict=False):
                 self.partitions[name] = (start, size)
                 start += size
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features))

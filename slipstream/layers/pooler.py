@@ -18,7 +18,9 @@ def pool(
     if mode == "mean":
         lens = torch.tensor(seq_lens, device=hidden.device)
         seg = torch.repeat_interleave(torch.arange(len(seq_lens), device=hidden.device), lens)
-        sums = torch.zeros(len(seq_lens), hidden.shape[1], device=hidden.device, dtype=torch.float32)
+        sums = torch.zeros(
+            len(seq_lens), hidden.shape[1], device=hidden.device, dtype=torch.float32
+        )
         sums.index_add_(0, seg, hidden.float())
         return sums / lens.clamp(min=1)[:, None].float()
     raise ValueError(f"unknown pooling mode {mode!r}")

@@ -40,7 +40,7 @@ class RotaryEmbedding(nn.Module):
         return cs[0], cs[1]
 
     @staticmethod
-    def apply(
+    def rotate(
         x: torch.Tensor,  # [T, H, D]
         cos: torch.Tensor,  # [T, D] float32
         sin: torch.Tensor,  # [T, D] float32

@@ -47,7 +47,9 @@ class Qwen3Attention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
-        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(t, self.num_kv_heads, self.head_dim)
+        k = qkv[:, self.q_size : self.q_size + self.kv_size].view(
+            t, self.num_kv_heads, self.head_dim
+        )
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         if fused_ops.should_fuse(self.fused, qkv):
             # q/k norm + rotary in one kernel, written in place into qkv (so into q and k).
@@ -56,8 +58,8 @@ class Qwen3Attention(nn.Module):
                 self.num_heads, self.num_kv_heads, self.head_dim, self.q_norm.eps,
             )  # fmt: skip
         else:
-            q = RotaryEmbedding.apply(self.q_norm(q), cos, sin)
-            k = RotaryEmbedding.apply(self.k_norm(k), cos, sin)
+            q = RotaryEmbedding.rotate(self.q_norm(q), cos, sin)
+            k = RotaryEmbedding.rotate(self.k_norm(k), cos, sin)
         # v stays a strided view of qkv: backends read it through its strides, no copy.
         if rows is None:
             return self.o_proj(self.attn(q, k, v, meta))
@@ -175,6 +177,8 @@ class Qwen3Model(nn.Module):
         for i, layer in enumerate(self.layers):
             with torch.profiler.record_function(f"slipstream::layer_{i}"):
                 x, residual = layer(x, residual, cos, sin, meta, rows if i == last else None)
+        if residual is None:  # a model without layers
+            return self.norm(x)
         x, _ = self.norm.forward_residual(x, residual)
         return x
 

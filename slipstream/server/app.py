@@ -177,8 +177,7 @@ class ServerContext:
 
     @property
     def supports_generation(self) -> bool:
-        # What GenerationEngine accepts (it raises ConfigError for other architectures).
-        return self.engine.model_config.arch == "qwen3"
+        return self.engine.supports_generation
 
     def check_generation(self) -> None:
         """400 for a model that only embeds (BERT), before anything else is looked at."""

@@ -272,7 +272,9 @@ class AsyncEngine:
             raise RuntimeError("AsyncEngine already started")
         self._loop = asyncio.get_running_loop()
         self._wakeup = asyncio.Event()
-        self._worker = ModelWorker(self._gen_tick, self._gen_busy, self._gen_exit)
+        self._worker = ModelWorker(
+            self._gen_tick, self._gen_busy, self._gen_exit, device=self.engine.config.device
+        )
         self._token_pool = ThreadPoolExecutor(
             self._tokenizer_threads, thread_name_prefix="slipstream-tokenize"
         )

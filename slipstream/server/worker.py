@@ -42,7 +42,9 @@ class ModelWorker(Executor):
         busy: Callable[[], bool],
         on_exit: Callable[[], None] | None = None,
         name: str = "slipstream-model",
+        device: str | None = None,
     ) -> None:
+        self._device = device
         self._tick = tick
         self._busy = busy
         self._on_exit = on_exit
@@ -95,6 +97,12 @@ class ModelWorker(Executor):
 
     # ------------------------------------------------------------------ worker thread
     def _main(self) -> None:
+        if self._device is not None and self._device.startswith("cuda:"):
+            # The current CUDA device is per thread: make this thread's the model's, so that
+            # allocations and CUDA-graph capture land on cuda:N, not cuda:0.
+            import torch
+
+            torch.cuda.set_device(self._device)
         while True:
             with self._cv:
                 while not (self._closed or self._jobs or self._inbox or self._busy()):
