@@ -37,6 +37,23 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-input-tokens", type=int, default=None)
 
 
+# Engine keyword arguments that commands take from the same-named argparse options.
+ENGINE_OPTIONS = (
+    "model", "device", "dtype", "attention_backend", "max_batch_tokens", "max_input_tokens",
+    "quantization", "kv_cache_gb", "page_size", "chunked_prefill_tokens",
+    "disable_prefix_cache", "disable_cuda_graph",
+)  # fmt: skip
+
+
+def engine_from_args(args: argparse.Namespace, **overrides: Any) -> Any:
+    """An Engine from whichever of ENGINE_OPTIONS the command defines (one place for all)."""
+    from slipstream import Engine
+
+    kwargs = {name: getattr(args, name) for name in ENGINE_OPTIONS if hasattr(args, name)}
+    kwargs.update(overrides)
+    return Engine(**kwargs)
+
+
 def _embed_parser(sub: Any) -> None:
     p = sub.add_parser("embed", help="embed texts and print the vectors or a cosine table")
     p.add_argument("texts", nargs="+", help="texts to embed")
@@ -51,16 +68,7 @@ def _embed_parser(sub: Any) -> None:
 def _run_embed(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from slipstream import Engine
-
-    engine = Engine(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-        max_batch_tokens=args.max_batch_tokens,
-        max_input_tokens=args.max_input_tokens,
-    )
+    engine = engine_from_args(args)
     vecs = engine.embed(
         args.texts,
         normalize=not args.no_normalize,
@@ -129,21 +137,7 @@ def _generate_parser(sub: Any) -> None:
 
 
 def _run_generate(args: argparse.Namespace) -> int:
-    from slipstream import Engine
-
-    engine = Engine(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-        max_batch_tokens=args.max_batch_tokens,
-        max_input_tokens=args.max_input_tokens,
-        kv_cache_gb=args.kv_cache_gb,
-        page_size=args.page_size,
-        chunked_prefill_tokens=args.chunked_prefill_tokens,
-        disable_prefix_cache=args.disable_prefix_cache,
-        disable_cuda_graph=args.disable_cuda_graph,
-    )
+    engine = engine_from_args(args)
     outs = engine.generate(
         args.prompts,
         max_new_tokens=args.max_new_tokens,

@@ -247,19 +247,11 @@ def run_baseline(
 
 
 def run_embed_bench(args: argparse.Namespace) -> dict[str, Any]:
-    from slipstream import Engine
+    from slipstream.cli import engine_from_args
 
     repeats = max(1, int(args.repeats))
     batch_sizes = _parse_batch_sizes(args.baseline_batch_sizes)
-    engine = Engine(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-        max_batch_tokens=args.max_batch_tokens,
-        max_input_tokens=args.max_input_tokens,
-        quantization=args.quantization,
-    )
+    engine = engine_from_args(args)
     cfg = engine.model_config
     device = engine.config.torch_device
     items = args.items

@@ -145,7 +145,6 @@ def default_torch_threads() -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from slipstream.engine.engine import Engine
     from slipstream.errors import ConfigError
     from slipstream.server.app import make_server
     from slipstream.server.settings import DEFAULT_SERVED_MODEL_NAME, ServerSettings
@@ -179,17 +178,9 @@ def run(args: argparse.Namespace) -> int:
         max_completion_tokens=args.max_completion_tokens,
         chat_template=chat_template,
     )
-    engine = Engine(
-        model=args.model,
-        device=args.device,
-        dtype=args.dtype,
-        attention_backend=args.attention_backend,
-        max_batch_tokens=args.max_batch_tokens,
-        max_input_tokens=args.max_input_tokens,
-        kv_cache_gb=args.kv_cache_gb,
-        disable_prefix_cache=args.disable_prefix_cache,
-        disable_cuda_graph=args.disable_cuda_graph,
-    )
+    from slipstream.cli import engine_from_args
+
+    engine = engine_from_args(args)
     if engine.config.device == "cpu":
         import torch
 
