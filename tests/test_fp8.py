@@ -335,3 +335,30 @@ def test_gpu_fp8_engine_matches_bf16(tiny_qwen3: Path, tmp_path: Path) -> None:
     loaded = Engine(ckpt, device="cuda", dtype="bfloat16", quantization="fp8")
     assert all(m.use_scaled_mm for m in loaded.runner.model.modules() if isinstance(m, Fp8Linear))
     assert _cos(loaded.embed(texts), bf16.embed(texts)) >= 0.99
+
+
+def test_fp8_reference_path_keeps_real_minilm_embeddings() -> None:
+    """On trained weights (the packaged all-MiniLM-L6-v2), per-channel fp8 weights with
+    per-token fp8 activations keep every embedding within cosine 0.99 of fp32 (measured
+    0.997 minimum); random-weight checkpoints lose more (docs/performance.md)."""
+    import copy
+
+    import numpy as np
+
+    from slipstream import Engine
+    from slipstream.layers.fp8 import quantize_model_fp8
+
+    engine = Engine(device="cpu", dtype="float32")
+    sentences = [
+        "A man is eating food.", "The girl is carrying a baby.", "A monkey is playing drums.",
+        "Someone in a gorilla costume is playing a set of drums.",
+        "The quick brown fox jumps over the lazy dog. " * 20, "x",
+    ]  # fmt: skip
+    ref = engine.embed(sentences)
+    model = copy.deepcopy(engine.runner.model)
+    quantize_model_fp8(model, use_scaled_mm=False)
+    engine.runner.model = model
+    got = engine.embed(sentences)
+    cos = (got.astype(np.float64) * ref).sum(1)
+    assert cos.min() >= 0.99, cos
+    assert cos.min() < 0.99999  # it really ran quantised
