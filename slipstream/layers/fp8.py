@@ -27,7 +27,7 @@ from torch import nn
 
 from slipstream.errors import ConfigError
 from slipstream.kernels import fused as fused_ops
-from slipstream.layers.linear import Linear
+from slipstream.layers.linear import Linear, PartitionedOutput
 
 logger = logging.getLogger("slipstream")
 
@@ -78,7 +78,7 @@ def scaled_mm_supported(device: torch.device) -> bool:
     return major == 9
 
 
-class Fp8Linear(nn.Module):
+class Fp8Linear(PartitionedOutput, nn.Module):
     """A :class:`Linear` with float8 weights; same partitions / loader interface."""
 
     def __init__(
@@ -92,17 +92,8 @@ class Fp8Linear(nn.Module):
         bias_dtype: torch.dtype = torch.bfloat16,
     ) -> None:
         super().__init__()
-        sizes = out_features if isinstance(out_features, list) else [out_features]
-        if partitions is not None and len(partitions) != len(sizes):
-            raise ValueError("one size per partition")
+        self._init_partitions(out_features, partitions)
         self.in_features = in_features
-        self.out_features = sum(sizes)
-        self.partitions: dict[str, tuple[int, int]] = {}
-        if partitions is not None:
-            start = 0
-            for name, size in zip(partitions, sizes, strict=True):
-                self.partitions[name] = (start, size)
-                start += size
         n, k = self.out_features, in_features
         # Parameters (not buffers) so that the checkpoint loader fills them by name, partition
         # by partition; never trained. weight_scale is [N] so a partition is a plain slice.
@@ -194,12 +185,6 @@ class Fp8Linear(nn.Module):
         # fast accumulation roughly doubles GEMM speed. SLIPSTREAM_FP8_FAST_ACCUM=0 turns it
         # off for A/B accuracy runs.
         self.fast_accum = os.environ.get("SLIPSTREAM_FP8_FAST_ACCUM", "1") != "0"
-
-    def partition_slice(self, shard: str | None) -> slice:
-        if shard is None:
-            return slice(0, self.out_features)
-        start, size = self.partitions[shard]
-        return slice(start, start + size)
 
     def extra_repr(self) -> str:
         return (

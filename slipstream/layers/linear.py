@@ -11,7 +11,33 @@ import torch.nn.functional as F
 from torch import nn
 
 
-class Linear(nn.Module):
+class PartitionedOutput:
+    """Named output partitions of a merged weight (shared by Linear and Fp8Linear): the
+    loader fills ``weight[partition_slice(name)]`` from the checkpoint tensor ``name``."""
+
+    out_features: int
+    partitions: dict[str, tuple[int, int]]
+
+    def _init_partitions(self, out_features: int | list[int], partitions: list[str] | None) -> None:
+        sizes = out_features if isinstance(out_features, list) else [out_features]
+        if partitions is not None and len(partitions) != len(sizes):
+            raise ValueError("one size per partition")
+        self.out_features = sum(sizes)
+        self.partitions = {}
+        if partitions is not None:
+            start = 0
+            for name, size in zip(partitions, sizes, strict=True):
+                self.partitions[name] = (start, size)
+                start += size
+
+    def partition_slice(self, shard: str | None) -> slice:
+        if shard is None:
+            return slice(0, self.out_features)
+        start, size = self.partitions[shard]
+        return slice(start, start + size)
+
+
+class Linear(PartitionedOutput, nn.Module):
     """y = x W^T (+ b), with optional named output partitions for merged weights."""
 
     def __init__(
@@ -22,25 +48,10 @@ class Linear(nn.Module):
         partitions: list[str] | None = None,
     ) -> None:
         super().__init__()
-        sizes = out_features if isinstance(out_features, list) else [out_features]
-        if partitions is not None and len(partitions) != len(sizes):
-            raise ValueError("one size per partition")
+        self._init_partitions(out_features, partitions)
         self.in_features = in_features
-        self.out_features = sum(sizes)
-        self.partitions: dict[str, tuple[int, int]] = {}
-        if partitions is not None:
-            start = 0
-            for name, size in zip(partitions, sizes, strict=False):
-                self.partitions[name] = (start, size)
-                start += size
         self.weight = nn.Parameter(torch.empty(self.out_features, in_features))
         self.bias = nn.Parameter(torch.empty(self.out_features)) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
-
-    def partition_slice(self, shard: str | None) -> slice:
-        if shard is None:
-            return slice(0, self.out_features)
-        start, size = self.partitions[shard]
-        return slice(start, start + size)
