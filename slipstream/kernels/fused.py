@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from slipstream.kernels._library import register_ops
+
 try:  # Triton is optional at import time; kernels are jit-wrapped on first use.
     import triton
     import triton.language as tl
@@ -961,36 +963,14 @@ _SCHEMAS: dict[str, tuple[str, Callable[..., None]]] = {
 }
 
 
-def _registered(name: str) -> bool:
-    try:
-        getattr(torch.ops.slipstream, name).default  # noqa: B018
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
 def _fake(*args: Any, **kwargs: Any) -> None:
     return None  # mutates its declared outputs in place; allocates nothing
-
-
-def _register_ops() -> torch.library.Library | None:
-    todo = [n for n in _SCHEMAS if not _registered(n)]
-    if not todo:
-        return None
-    lib = torch.library.Library("slipstream", "FRAGMENT")
-    for name in todo:
-        schema, impl = _SCHEMAS[name]
-        lib.define(schema)
-        lib.impl(name, impl, "CPU")  # served by the Triton interpreter (tests)
-        lib.impl(name, impl, "CUDA")
-        torch.library.register_fake(f"slipstream::{name}", _fake, lib=lib)
-    return lib
 
 
 # Keep the Library alive (its registrations die with it); register once even on reload.
 _LIB: torch.library.Library | None = globals().get("_LIB")
 if _LIB is None:
-    _LIB = _register_ops()
+    _LIB = register_ops([(name, schema, impl, _fake) for name, (schema, impl) in _SCHEMAS.items()])
 
 
 # ----------------------------------------------------------------------------------------

@@ -40,6 +40,8 @@ from typing import Any
 
 import torch
 
+from slipstream.kernels._library import register_ops
+
 try:  # Triton is optional at import time: the ops are registered either way.
     import triton
     import triton.language as tl
@@ -870,30 +872,10 @@ _OPS: tuple[tuple[str, str, Any, Any], ...] = (
 )
 
 
-def _op_registered(name: str) -> bool:
-    try:
-        getattr(torch.ops.slipstream, name).default  # noqa: B018
-    except (AttributeError, RuntimeError):
-        return False
-    return True
-
-
-def _register_ops() -> torch.library.Library | None:
-    if all(_op_registered(name) for name, *_ in _OPS):
-        return None  # already registered (module imported under another name)
-    lib = torch.library.Library("slipstream", "FRAGMENT")
-    for name, schema, impl, fake in _OPS:
-        lib.define(schema)
-        lib.impl(name, impl, "CPU")  # the Triton interpreter (tests)
-        lib.impl(name, impl, "CUDA")
-        torch.library.register_fake(f"slipstream::{name}", fake, lib=lib)
-    return lib
-
-
 # Keep the Library alive (its registrations die with it); importlib.reload keeps the old one.
 _LIB: torch.library.Library | None = globals().get("_LIB")
 if _LIB is None:
-    _LIB = _register_ops()
+    _LIB = register_ops(_OPS)
 
 
 # ----------------------------------------------------------------------------------------
