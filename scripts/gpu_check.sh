@@ -2,6 +2,7 @@
 # Every GPU test and benchmark in one call (the GPU lease is short and each start costs
 # minutes). Usage: bash scripts/gpu_check.sh [stage ...]
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
+#           fp8-ab breakdown breakdown-fp8
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -73,6 +74,20 @@ for stage in $STAGES; do
     $PY -m slipstream bench embed --model "$CK/qwen3-0.6b" --workload mixed --items 400 --device cuda \
       --dtype bfloat16 --quantization fp8 --max-batch-tokens 65536 --baseline hf \
       --json "$RES/embed_mixed_fp8_65k.json" 2>&1 | tee "$RES/embed_mixed_fp8_65k.log"
+    ;;
+  fp8-ab)
+    need_ckpt || continue
+    log "fp8 A/B (skip layers, accumulation, fused quantisation, forward size)"
+    $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 \
+      --json "$RES/fp8_ab_mixed.json" 2>&1 | tee "$RES/fp8_ab_mixed.log"
+    ;;
+  breakdown|breakdown-fp8)
+    need_ckpt || continue
+    q=""; tag=bf16
+    if [ "$stage" = breakdown-fp8 ]; then q="--quantization fp8"; tag=fp8; fi
+    log "kernel breakdown mixed $tag"
+    $PY scripts/kernel_breakdown.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 $q \
+      --json "$RES/kernel_breakdown_mixed_$tag.json" 2>&1 | tee "$RES/kernel_breakdown_mixed_$tag.log"
     ;;
   embed-long)
     need_ckpt || continue

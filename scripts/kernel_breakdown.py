@@ -18,11 +18,11 @@ import torch
 
 CATEGORIES = [
     ("attention", re.compile(r"flash|attn|_fwd_kernel", re.I)),
-    ("fp8_quant", re.compile(r"quant", re.I)),
     ("gemm", re.compile(r"gemm|sm90_xmma|cutlass|nvjet|matmul|sgemm|hgemm|s16816|wgmma", re.I)),
-    ("norm", re.compile(r"rms|norm", re.I)),
+    ("norm", re.compile(r"rms|norm", re.I)),  # incl. the RMSNorms that quantise to fp8
     ("rotary", re.compile(r"rope|rotary", re.I)),
-    ("activation", re.compile(r"silu|gelu|act", re.I)),
+    ("activation", re.compile(r"silu|gelu|act", re.I)),  # incl. SiLU-and-mul + fp8 quant
+    ("fp8_quant", re.compile(r"quant", re.I)),
     ("embedding_lookup", re.compile(r"index|gather|embedding", re.I)),
     ("copy", re.compile(r"copy|memcpy|cat", re.I)),
 ]
@@ -42,6 +42,7 @@ def main() -> None:
     ap.add_argument("--items", type=int, default=400)
     ap.add_argument("--quantization", default=None)
     ap.add_argument("--max-batch-tokens", type=int, default=16384)
+    ap.add_argument("--fp8-skip-layers", type=int, default=None)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
@@ -54,6 +55,7 @@ def main() -> None:
         dtype="bfloat16",
         quantization=args.quantization,
         max_batch_tokens=args.max_batch_tokens,
+        **({} if args.fp8_skip_layers is None else {"fp8_skip_layers": args.fp8_skip_layers}),
     )
     wl = make_workload(
         args.workload,

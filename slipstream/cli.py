@@ -35,12 +35,31 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attention-backend", default=None, help="torch or flash")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--max-input-tokens", type=int, default=None)
+    add_quantization_args(p)
+
+
+def add_quantization_args(p: argparse.ArgumentParser) -> None:
+    from slipstream.config import DEFAULT_FP8_SKIP_LAYERS
+
+    p.add_argument(
+        "--quantization",
+        default=None,
+        choices=["fp8"],
+        help="fp8: float8 weights and per-token activations (CUDA, Hopper)",
+    )
+    p.add_argument(
+        "--fp8-skip-layers",
+        type=int,
+        default=DEFAULT_FP8_SKIP_LAYERS,
+        help=f"with fp8: leading decoder layers kept in the model dtype "
+        f"(default {DEFAULT_FP8_SKIP_LAYERS})",
+    )
 
 
 # Engine keyword arguments that commands take from the same-named argparse options.
 ENGINE_OPTIONS = (
     "model", "device", "dtype", "attention_backend", "max_batch_tokens", "max_input_tokens",
-    "quantization", "kv_cache_gb", "page_size", "chunked_prefill_tokens",
+    "quantization", "fp8_skip_layers", "kv_cache_gb", "page_size", "chunked_prefill_tokens",
     "disable_prefix_cache", "disable_cuda_graph",
 )  # fmt: skip
 

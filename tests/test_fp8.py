@@ -156,6 +156,62 @@ def test_quantize_qwen3_model(tiny_qwen3: Path, fp32_vectors: np.ndarray) -> Non
     assert quantize_model_fp8(model, use_scaled_mm=False) == []
 
 
+def test_quantize_skips_leading_layers(tiny_qwen3: Path, fp32_vectors: np.ndarray) -> None:
+    engine = Engine(tiny_qwen3, device="cpu")
+    model = engine.runner.model
+    names = quantize_model_fp8(model, use_scaled_mm=False, skip_layers=1)
+    assert names == [
+        f"layers.1.{m}"
+        for m in ("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj")
+    ]
+    assert type(model.layers[0].mlp.down_proj) is Linear
+    assert isinstance(model.layers[1].mlp.down_proj, Fp8Linear)
+    assert _cos(engine.embed(SEQS, show_progress=False), fp32_vectors) >= 0.99
+    with pytest.raises(ValueError, match="skip_layers"):
+        quantize_model_fp8(model, use_scaled_mm=False, skip_layers=-1)
+    with pytest.raises(ConfigError, match="fp8_skip_layers"):
+        Engine(tiny_qwen3, device="cpu", fp8_skip_layers=-1)
+
+
+def test_fused_norm_and_activation_hand_fp8_rows_to_the_gemm(
+    tiny_qwen3: Path, fp32_vectors: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With fusion on, the RMSNorms and SiLU-and-mul quantise their outputs for the fp8 GEMMs
+    (Fp8Rows) instead of a separate quantisation pass; the vectors match the unfused fp8 path
+    up to the interpreter's fp32->fp8 conversion, which moves up to ~6% of the values by one
+    fp8 step (see tests/test_kernels_fused.py; the kernels themselves are checked there, and
+    the GPU test below compares fused and unfused at cosine 0.999)."""
+    from slipstream.kernels import fused as F
+
+    def engine(fused: str) -> Engine:
+        monkeypatch.setenv("SLIPSTREAM_FUSED", fused)
+        eng = Engine(tiny_qwen3, device="cpu")
+        quantize_model_fp8(eng.runner.model, use_scaled_mm=False)
+        return eng
+
+    ref = engine("0").embed(SEQS, show_progress=False)
+    fused = engine("always")
+    for m in fused.runner.model.modules():
+        if isinstance(m, Fp8Linear):
+            assert not m.takes_fp8_rows  # the reference GEMM quantises by itself ...
+            m.takes_fp8_rows = True  # ... but takes Fp8Rows too: exercise the hand-over
+    calls: dict[str, int] = {}
+    for name in ("rmsnorm_fp8", "fused_add_rmsnorm_fp8", "silu_and_mul_fp8"):
+        real = getattr(F, name)
+
+        def counted(*a, _real=real, _name=name, **k):  # type: ignore[no-untyped-def]
+            calls[_name] = calls.get(_name, 0) + 1
+            return _real(*a, **k)
+
+        monkeypatch.setattr(F, name, counted)
+    got = fused.embed(SEQS, show_progress=False)
+    # one forward, 2 layers: layer 0's input norm has no residual; the other 3 pre-GEMM norms
+    # add one; both MLPs quantise their activation
+    assert calls == {"rmsnorm_fp8": 1, "fused_add_rmsnorm_fp8": 3, "silu_and_mul_fp8": 2}
+    assert _cos(got, ref) >= 0.995
+    assert _cos(got, fp32_vectors) >= 0.99
+
+
 def test_quantize_bert_model(minilm_dir: Path) -> None:
     texts = ["a quick brown fox", "fp8 weights with per-channel scales", "hello"]
     ref = Engine(minilm_dir, device="cpu").embed(texts)
@@ -325,11 +381,26 @@ def test_gpu_activation_quant_kernel_matches_torch() -> None:
 def test_gpu_fp8_engine_matches_bf16(tiny_qwen3: Path, tmp_path: Path) -> None:
     texts = ["the quick brown fox", "fp8 on hopper", "a third, longer sentence about kernels"]
     bf16 = Engine(tiny_qwen3, device="cuda", dtype="bfloat16")
-    fp8 = Engine(tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8")
+    fp8 = Engine(tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8", fp8_skip_layers=0)
     mods = [m for m in fp8.runner.model.modules() if isinstance(m, Fp8Linear)]
-    assert len(mods) == 8 and all(m.use_scaled_mm for m in mods)
+    assert len(mods) == 8 and all(m.use_scaled_mm and m.takes_fp8_rows for m in mods)
     ref = bf16.embed(texts + [t * 20 for t in texts])
-    assert _cos(fp8.embed(texts + [t * 20 for t in texts]), ref) >= 0.99
+    got = fp8.embed(texts + [t * 20 for t in texts])
+    assert _cos(got, ref) >= 0.99
+    # the fused norm/activation quantisation gives the vectors of the separate quant kernel
+    os.environ["SLIPSTREAM_FUSED"] = "0"
+    try:
+        unfused = Engine(
+            tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8", fp8_skip_layers=0
+        )
+    finally:
+        del os.environ["SLIPSTREAM_FUSED"]
+    assert not any(m.takes_fp8_rows for m in unfused.runner.model.modules()
+                   if isinstance(m, Fp8Linear))  # fmt: skip
+    assert _cos(unfused.embed(texts + [t * 20 for t in texts]), got) >= 0.999
+    # the default keeps the first two layers (all of this tiny model) in bf16
+    default = Engine(tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8")
+    assert not [m for m in default.runner.model.modules() if isinstance(m, Fp8Linear)]
     # a pre-quantized checkpoint loads straight into _scaled_mm layers too
     ckpt = _fp8_checkpoint(tiny_qwen3, tmp_path / "fp8", "channel")
     loaded = Engine(ckpt, device="cuda", dtype="bfloat16", quantization="fp8")

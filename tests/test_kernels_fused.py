@@ -219,8 +219,14 @@ def test_fp8_quant_per_token(t: int, k: int, dtype: torch.dtype) -> None:
     F.fp8_quant_per_token(x, q, s)
     want_q, want_s = F.fp8_quant_per_token_ref(x)
     torch.testing.assert_close(s, want_s, rtol=1e-6, atol=0)
+    _assert_fp8_close(q, want_q)
+    if t > 2:
+        assert torch.isfinite(s[1]).all() and (q.float()[1] == 0).all()
+
+
+def _assert_fp8_close(q: torch.Tensor, want_q: torch.Tensor) -> None:
     got, want = q.float(), want_q.float()
-    assert not torch.isnan(got).any()
+    assert not torch.isnan(got).any(), "kernel left NaN (unwritten) values"
     diff = got != want
     if ON_CPU:
         # The interpreter's fp32->fp8 conversion mis-rounds ties and drops the carry when
@@ -235,8 +241,84 @@ def test_fp8_quant_per_token(t: int, k: int, dtype: torch.dtype) -> None:
         # Division rounding may differ from torch's by an ulp, flipping rare fp8 ties.
         assert bool(((got - want).abs() <= _fp8_step(want) + 1e-12).all())
         assert diff.float().mean().item() < 0.01
-    if t > 2:
-        assert torch.isfinite(s[1]).all() and (got[1] == 0).all()
+
+
+def _poisoned_fp8(t: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    q = torch.full((t, k), float("nan"), device=DEV).to(torch.float8_e4m3fn)
+    return q, torch.full((t, 1), float("nan"), device=DEV)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("n", [64, 96, 1024])
+def test_rmsnorm_fp8(t: int, n: int, dtype: torch.dtype) -> None:
+    """Norm + per-token fp8 in one pass == fp8_quant_per_token_ref(rmsnorm(x)); x unchanged."""
+    torch.manual_seed(t * n)
+    x = (torch.randn(t, n, device=DEV) * torch.logspace(-1, 1, t, device=DEV)[:, None]).to(dtype)
+    w = _weight(n, dtype)
+    x0 = x.clone()
+    q, s = _poisoned_fp8(t, n)
+    torch.ops.slipstream.fused_rmsnorm_fp8(x, w, 1e-6, q, s)
+    want_q, want_s = F.fp8_quant_per_token_ref(_torch_norm(x0, w, 1e-6))
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    _assert_fp8_close(q, want_q)
+    assert torch.equal(x, x0)
+    q2, s2 = F.rmsnorm_fp8(x, w, 1e-6)
+    assert q2.dtype == torch.float8_e4m3fn and s2.shape == (t, 1)
+    assert torch.equal(q2.float(), q.float()) and torch.equal(s2, s)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("n", [64, 200])
+def test_fused_add_rmsnorm_fp8(t: int, n: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(t + n)
+    big = torch.randn(t, n + 8, device=DEV, dtype=dtype)
+    x = big[:, :n]  # strided rows
+    res = torch.randn(t, n, device=DEV, dtype=dtype)
+    w = _weight(n, dtype)
+    x0, res0 = x.clone(), res.clone()
+    norm = RMSNorm(n, 1e-6, fused="off").to(device=DEV, dtype=dtype)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    want_h, want_r = norm.forward_residual(x0, res0)
+    q, s, r = F.fused_add_rmsnorm_fp8(x, res, w, 1e-6)
+    assert r.data_ptr() == res.data_ptr()
+    torch.testing.assert_close(res, want_r, rtol=0, atol=0)
+    assert torch.equal(x, x0)  # only read
+    want_q, want_s = F.fp8_quant_per_token_ref(want_h)
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    _assert_fp8_close(q, want_q)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("t", TOKENS)
+@pytest.mark.parametrize("inter", [64, 200, 1500])
+def test_silu_and_mul_fp8(t: int, inter: int, dtype: torch.dtype) -> None:
+    torch.manual_seed(t + inter)
+    big = torch.randn(t, 2 * inter + 16, device=DEV, dtype=dtype) * 3
+    x = big[:, : 2 * inter]
+    q, s = _poisoned_fp8(t, inter)
+    torch.ops.slipstream.fused_silu_and_mul_fp8(x, q, s)
+    want_q, want_s = F.fp8_quant_per_token_ref(torch_silu_and_mul(x))
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    _assert_fp8_close(q, want_q)
+
+
+def test_fp8_fused_ops_reject_bad_outputs() -> None:
+    x = torch.randn(4, 64, device=DEV)
+    w = _weight(64, torch.float32)
+    q, s = _poisoned_fp8(4, 64)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        torch.ops.slipstream.fused_rmsnorm_fp8(x, w, 1e-6, torch.empty(4, 64, device=DEV), s)
+    with pytest.raises(ValueError, match=r"\(4, 1\)"):
+        torch.ops.slipstream.fused_rmsnorm_fp8(x, w, 1e-6, q, torch.empty(4, device=DEV))
+    with pytest.raises(ValueError, match="overlaps"):
+        torch.ops.slipstream.fused_add_rmsnorm_fp8(x, x, w, 1e-6, q, s)
+    with pytest.raises(ValueError, match=r"must be \(4, 32\)"):
+        torch.ops.slipstream.fused_silu_and_mul_fp8(x, q, s)
+    with pytest.raises(ValueError, match="even"):
+        torch.ops.slipstream.fused_silu_and_mul_fp8(torch.randn(4, 63, device=DEV), q, s)
 
 
 # ----------------------------------------------------------------------------- errors
@@ -445,6 +527,35 @@ def test_gpu_bf16_kernels(t: int) -> None:
 
     g = torch.randn(t, 2 * 3072, device="cuda", dtype=dt) * 3
     _close(F.silu_and_mul(g), torch_silu_and_mul(g), dt)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("t", [1, 17, 1000])
+def test_gpu_bf16_fp8_output_kernels(t: int) -> None:
+    """The fp8-output norm and activation kernels at the Qwen3-0.6B widths, in bf16."""
+    dt = torch.bfloat16
+    torch.manual_seed(t)
+    x = torch.randn(t, 1024, device="cuda", dtype=dt)
+    res = torch.randn(t, 1024, device="cuda", dtype=dt)
+    w = _weight(1024, dt)
+    q, s = F.rmsnorm_fp8(x, w, 1e-6)
+    want_q, want_s = F.fp8_quant_per_token_ref(_torch_norm(x, w, 1e-6))
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    _assert_fp8_close(q, want_q)
+    norm = RMSNorm(1024, 1e-6, fused="off").to(device="cuda", dtype=dt)
+    with torch.no_grad():
+        norm.weight.copy_(w)
+    want_h, want_r = norm.forward_residual(x, res)
+    q, s, r = F.fused_add_rmsnorm_fp8(x, res.clone(), w, 1e-6)
+    assert torch.equal(r, want_r)
+    want_q, want_s = F.fp8_quant_per_token_ref(want_h)
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    _assert_fp8_close(q, want_q)
+    g = torch.randn(t, 2 * 3072, device="cuda", dtype=dt) * 3
+    q, s = F.silu_and_mul_fp8(g)
+    want_q, want_s = F.fp8_quant_per_token_ref(torch_silu_and_mul(g))
+    torch.testing.assert_close(s, want_s, rtol=1e-5, atol=0)
+    _assert_fp8_close(q, want_q)
 
 
 @pytest.mark.gpu

@@ -28,6 +28,7 @@ import torch
 
 from slipstream.bench.flops import embed_flops, measure_peak_tflops
 from slipstream.bench.workloads import NAMED_WORKLOADS, Workload, make_workload
+from slipstream.cli import add_quantization_args
 from slipstream.errors import ConfigError
 
 logger = logging.getLogger("slipstream.bench")
@@ -46,7 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--items", type=int, default=None, help="number of inputs (default 1000)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
-    p.add_argument("--quantization", default=None, choices=["fp8"], help="fp8 (CUDA only)")
+    add_quantization_args(p)
     p.add_argument("--attention-backend", default=None, help="flash or torch")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--max-input-tokens", type=int, default=None, help="length cap")

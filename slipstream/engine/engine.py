@@ -11,7 +11,13 @@ import numpy as np
 import torch
 
 from slipstream.attention.registry import default_backend, get_backend_class
-from slipstream.config import EngineConfig, ModelConfig, default_model_dir, parse_dtype
+from slipstream.config import (
+    DEFAULT_FP8_SKIP_LAYERS,
+    EngineConfig,
+    ModelConfig,
+    default_model_dir,
+    parse_dtype,
+)
 from slipstream.engine.batch import Batch
 from slipstream.engine.gen_config import (
     DEFAULT_CHUNKED_PREFILL_TOKENS,
@@ -56,6 +62,7 @@ class Engine:
         max_batch_size: int = 512,
         max_input_tokens: int | None = None,
         quantization: str | None = None,
+        fp8_skip_layers: int = DEFAULT_FP8_SKIP_LAYERS,
         debug_checks: bool = False,
         disable_prefix_cache: bool = False,
         disable_cuda_graph: bool = False,
@@ -82,6 +89,7 @@ class Engine:
             max_batch_size=max_batch_size,
             max_input_tokens=max_input_tokens or model_cfg.default_max_input_tokens,
             quantization=quantization,
+            fp8_skip_layers=fp8_skip_layers,
             debug_checks=debug_checks,
         )
         self.model_config = model_cfg

@@ -25,7 +25,7 @@ class ModelRunner:
         if config.quantization == "fp8":
             from slipstream.layers.fp8 import quantize_model_fp8
 
-            quantize_model_fp8(self.model)
+            quantize_model_fp8(self.model, skip_layers=config.fp8_skip_layers)
 
     def _device_tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device

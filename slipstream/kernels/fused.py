@@ -53,11 +53,14 @@ __all__ = [
     "FusedKernelError",
     "fp8_quant_per_token",
     "fused_add_rmsnorm",
+    "fused_add_rmsnorm_fp8",
     "fusion_mode",
     "qk_norm_rope_",
     "rmsnorm",
+    "rmsnorm_fp8",
     "should_fuse",
     "silu_and_mul",
+    "silu_and_mul_fp8",
     "triton_available",
 ]
 
@@ -156,15 +159,20 @@ def _rmsnorm_kernel(
     X,  # [T, N]
     R,  # [T, N] residual (read only if HAS_RESIDUAL)
     W,  # [N]
-    OUT,  # [T, N]: may be X itself (each program reads its row before writing it)
+    OUT,  # [T, N]: may be X itself (each program reads its row before writing it); or, with
+    #      QUANT, [T, N] float8_e4m3fn
     RES_OUT,  # [T, N]: may be R itself
+    S,  # [T] float32 per-row scales (written only with QUANT)
     stride_x,
     stride_r,
     stride_o,
     stride_ro,
     N,
     eps,
+    min_amax,
     HAS_RESIDUAL: tl.constexpr,
+    QUANT: tl.constexpr,
+    FP8_MAX_: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
@@ -182,7 +190,22 @@ def _rmsnorm_kernel(
     w = tl.load(W + cols, mask=mask, other=0.0).to(tl.float32)
     # normalise in fp32, cast to the model dtype, then multiply by the weight (rounded again).
     normed = (xf * rstd).to(X.dtype.element_ty).to(tl.float32)
-    tl.store(OUT + row * stride_o + cols, (normed * w).to(OUT.dtype.element_ty), mask=mask)
+    y = (normed * w).to(X.dtype.element_ty)
+    if QUANT:
+        # The fp8 GEMM's per-token quantisation of exactly the tensor the unfused path makes.
+        _quant_row_store(y.to(tl.float32), OUT + row * stride_o + cols, mask, S + row,
+                         min_amax, FP8_MAX_)  # fmt: skip
+    else:
+        tl.store(OUT + row * stride_o + cols, y.to(OUT.dtype.element_ty), mask=mask)
+
+
+def _quant_row_store(y, q_ptrs, mask, s_ptr, min_amax, FP8_MAX_: tl.constexpr):
+    # y: one whole row in fp32 (masked lanes 0): scale = max(rowmax|y|, min_amax) / 448,
+    # q = clamp(y / scale) in float8_e4m3fn (the rounding of fp8_quant_per_token_ref).
+    scale = tl.maximum(tl.max(tl.abs(y), axis=0), min_amax) / FP8_MAX_
+    tl.store(s_ptr, scale)
+    q = tl.minimum(tl.maximum(y / scale, -FP8_MAX_), FP8_MAX_)
+    tl.store(q_ptrs, q.to(q_ptrs.dtype.element_ty), mask=mask)
 
 
 def _silu_and_mul_kernel(
@@ -201,6 +224,27 @@ def _silu_and_mul_kernel(
     # F.silu computes x / (1 + exp(-x)) in fp32 and rounds to the dtype; then `* up` rounds.
     act = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty).to(tl.float32)
     tl.store(OUT + row * stride_o + cols, (act * u).to(OUT.dtype.element_ty), mask=mask)
+
+
+def _silu_and_mul_quant_kernel(
+    X,  # [T, 2I]: [gate | up]
+    Q,  # [T, I] float8_e4m3fn
+    S,  # [T] float32
+    stride_x,
+    stride_q,
+    inter,  # I
+    min_amax,
+    FP8_MAX_: tl.constexpr,
+    BLOCK: tl.constexpr,  # >= I: the whole row in one tile (its absmax sets the scale)
+):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < inter
+    g = tl.load(X + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(X + row * stride_x + inter + cols, mask=mask, other=0.0).to(tl.float32)
+    act = (g / (1.0 + tl.exp(-g))).to(X.dtype.element_ty).to(tl.float32)
+    y = (act * u).to(X.dtype.element_ty).to(tl.float32)  # the unfused path's [T, I] tensor
+    _quant_row_store(y, Q + row * stride_q + cols, mask, S + row, min_amax, FP8_MAX_)
 
 
 def _qk_norm_rope_kernel(
@@ -295,8 +339,10 @@ def _fp8_quant_per_token_kernel(
 
 
 _KERNEL_NAMES = (
+    "_quant_row_store",  # a helper the kernels call: jit-wrapped first
     "_rmsnorm_kernel",
     "_silu_and_mul_kernel",
+    "_silu_and_mul_quant_kernel",
     "_qk_norm_rope_kernel",
     "_fp8_quant_per_token_kernel",
 )
@@ -549,143 +595,183 @@ def fp8_quant_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 # ----------------------------------------------------------------------------------------
 
 
-def _rmsnorm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
-    op = "rmsnorm"
-    _check_device_dtype(op, "x", x)
-    _check_2d_rows(op, "x", x)
-    _check_2d_rows(op, "out", out)
-    if tuple(out.shape) != tuple(x.shape):
-        raise ValueError(f"{op}: `out` shape {tuple(out.shape)} must equal x's {tuple(x.shape)}")
-    _same(op, "x", x, out=out)
-    _check_vector(op, "weight", weight, x.shape[1], "x", x)
-    _check_alias(op, "out", out, "x", x, allow_identical=True)
-    eps = _check_eps(op, eps)
-    t, n = x.shape
-    if n > _MAX_ROW:
-        raise ValueError(f"{op}: rows of {n} features exceed the supported {_MAX_ROW}")
-    if t == 0 or n == 0:
-        return
+def _launch_norm(
+    op: str,
+    rows: int,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    res_out: torch.Tensor | None,
+    scale: torch.Tensor | None,
+    eps: float,
+) -> None:
+    """One `_rmsnorm_kernel` launch over the first ``rows`` rows. ``residual``: add it first
+    (sum -> ``res_out``); ``scale``: ``out`` is float8 and gets the per-row quantisation."""
+    n = x.shape[1]
     block = triton.next_power_of_2(n)
-
-    def check() -> None:
-        rows = min(t, _CHECK_ROWS)
-        xs, os_ = x[:rows].clone(), out[:rows].clone()
-        _launch(
-            op,
-            "_rmsnorm_kernel",
-            (rows,),
-            x.device,
-            xs,
-            xs,
-            weight,
-            os_,
-            os_,
-            xs.stride(0),
-            xs.stride(0),
-            os_.stride(0),
-            os_.stride(0),
-            n,
-            eps,
-            HAS_RESIDUAL=False,
-            BLOCK=block,
-            num_warps=_row_warps(block),
-        )
-        _compare(op, os_, rmsnorm_ref(x[:rows], weight, eps), *_tol(x.dtype))
-
-    _self_check((op, x.device, x.dtype, block), x.device, check)
+    r = x if residual is None else residual
+    ro = out if res_out is None else res_out
     _launch(
         op,
         "_rmsnorm_kernel",
-        (t,),
+        (rows,),
         x.device,
-        x,
-        x,
-        weight,
-        out,
-        out,
-        x.stride(0),
-        x.stride(0),
-        out.stride(0),
-        out.stride(0),
-        n,
-        eps,
-        HAS_RESIDUAL=False,
+        x, r, weight, out, ro, out if scale is None else scale,
+        x.stride(0), r.stride(0), out.stride(0), ro.stride(0),
+        n, eps, FP8_MIN_AMAX,
+        HAS_RESIDUAL=residual is not None,
+        QUANT=scale is not None,
+        FP8_MAX_=FP8_MAX,
         BLOCK=block,
         num_warps=_row_warps(block),
-    )
+    )  # fmt: skip
 
 
-def _fused_add_rmsnorm_impl(
-    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
-) -> None:
-    op = "fused_add_rmsnorm"
+def _check_norm_args(op: str, x: torch.Tensor, weight: torch.Tensor, eps: float) -> float:
     _check_device_dtype(op, "x", x)
     _check_2d_rows(op, "x", x)
+    _check_vector(op, "weight", weight, x.shape[1], "x", x)
+    if x.shape[1] > _MAX_ROW:
+        raise ValueError(f"{op}: rows of {x.shape[1]} features exceed the supported {_MAX_ROW}")
+    return _check_eps(op, eps)
+
+
+def _check_residual(op: str, x: torch.Tensor, residual: torch.Tensor) -> None:
     _check_2d_rows(op, "residual", residual)
     if tuple(residual.shape) != tuple(x.shape):
         raise ValueError(
             f"{op}: `residual` shape {tuple(residual.shape)} must equal x's {tuple(x.shape)}"
         )
     _same(op, "x", x, residual=residual)
-    _check_vector(op, "weight", weight, x.shape[1], "x", x)
     _check_alias(op, "residual", residual, "x", x, allow_identical=False)
-    eps = _check_eps(op, eps)
+
+
+def _check_fp8_out(op: str, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+    """`out` [T, K] float8_e4m3fn and `scale` [T, 1] float32 contiguous, on x's device."""
+    t = x.shape[0]
+    if not isinstance(out, torch.Tensor) or out.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"{op}: `out` must be a float8_e4m3fn tensor")
+    _check_2d_rows(op, "out", out)
+    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
+        raise TypeError(f"{op}: `scale` must be a float32 tensor")
+    if tuple(scale.shape) != (t, 1) or not scale.is_contiguous():
+        raise ValueError(
+            f"{op}: `scale` must be a contiguous ({t}, 1) tensor, got "
+            f"{tuple(scale.shape)} with strides {tuple(scale.stride())}"
+        )
+    for name, tt in (("out", out), ("scale", scale)):
+        if tt.device != x.device:
+            raise ValueError(f"{op}: `{name}` is on {tt.device} but `x` is on {x.device}")
+
+
+def _compare_fp8(
+    op: str, q: torch.Tensor, s: torch.Tensor, want_q: torch.Tensor, want_s: torch.Tensor
+) -> None:
+    # Scales must agree closely; values within one fp8 step (2**-3 relative) for division
+    # rounding differences.
+    _compare(op + " (scale)", s, want_s, 1e-5, 0.0)
+    _compare(op, q, want_q, 0.13, 2.0**-9)
+
+
+def _rmsnorm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    op = "rmsnorm"
+    eps = _check_norm_args(op, x, weight, eps)
+    _check_2d_rows(op, "out", out)
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(f"{op}: `out` shape {tuple(out.shape)} must equal x's {tuple(x.shape)}")
+    _same(op, "x", x, out=out)
+    _check_alias(op, "out", out, "x", x, allow_identical=True)
     t, n = x.shape
-    if n > _MAX_ROW:
-        raise ValueError(f"{op}: rows of {n} features exceed the supported {_MAX_ROW}")
     if t == 0 or n == 0:
         return
-    block = triton.next_power_of_2(n)
+
+    def check() -> None:
+        rows = min(t, _CHECK_ROWS)
+        xs, os_ = x[:rows].clone(), out[:rows].clone()
+        _launch_norm(op, rows, xs, None, weight, os_, None, None, eps)
+        _compare(op, os_, rmsnorm_ref(x[:rows], weight, eps), *_tol(x.dtype))
+
+    _self_check((op, x.device, x.dtype, n), x.device, check)
+    _launch_norm(op, t, x, None, weight, out, None, None, eps)
+
+
+def _fused_add_rmsnorm_impl(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
+    op = "fused_add_rmsnorm"
+    eps = _check_norm_args(op, x, weight, eps)
+    _check_residual(op, x, residual)
+    t, n = x.shape
+    if t == 0 or n == 0:
+        return
 
     def check() -> None:
         rows = min(t, _CHECK_ROWS)
         xs, rs = x[:rows].clone(), residual[:rows].clone()
         summed = x[:rows] + residual[:rows]
         want = rmsnorm_ref(summed, weight, eps)
-        _launch(
-            op,
-            "_rmsnorm_kernel",
-            (rows,),
-            x.device,
-            xs,
-            rs,
-            weight,
-            xs,
-            rs,
-            xs.stride(0),
-            rs.stride(0),
-            xs.stride(0),
-            rs.stride(0),
-            n,
-            eps,
-            HAS_RESIDUAL=True,
-            BLOCK=block,
-            num_warps=_row_warps(block),
-        )
+        _launch_norm(op, rows, xs, rs, weight, xs, rs, None, eps)
         _compare(op + " (residual)", rs, summed, 0.0, 0.0)
         _compare(op, xs, want, *_tol(x.dtype))
 
-    _self_check((op, x.device, x.dtype, block), x.device, check)
-    _launch(
-        op,
-        "_rmsnorm_kernel",
-        (t,),
-        x.device,
-        x,
-        residual,
-        weight,
-        x,
-        residual,
-        x.stride(0),
-        residual.stride(0),
-        x.stride(0),
-        residual.stride(0),
-        n,
-        eps,
-        HAS_RESIDUAL=True,
-        BLOCK=block,
-        num_warps=_row_warps(block),
-    )
+    _self_check((op, x.device, x.dtype, n), x.device, check)
+    _launch_norm(op, t, x, residual, weight, x, residual, None, eps)
+
+
+def _rmsnorm_quant_impl(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+) -> None:
+    """RMSNorm (after ``residual <- x + residual`` when a residual is given) whose output goes
+    straight to per-token fp8: ``out`` [T, N] float8_e4m3fn, ``scale`` [T, 1] float32. ``x``
+    is only read."""
+    op = "rmsnorm_fp8" if residual is None else "fused_add_rmsnorm_fp8"
+    eps = _check_norm_args(op, x, weight, eps)
+    if residual is not None:
+        _check_residual(op, x, residual)
+    _check_fp8_out(op, x, out, scale)
+    if tuple(out.shape) != tuple(x.shape):
+        raise ValueError(f"{op}: `out` shape {tuple(out.shape)} must equal x's {tuple(x.shape)}")
+    t, n = x.shape
+    if t == 0:
+        return
+    if n == 0:
+        raise ValueError(f"{op}: `x` has no columns")
+
+    def check() -> None:
+        rows = min(t, _CHECK_ROWS)
+        q, s = out[:rows].clone(), scale[:rows].clone()
+        rs = None if residual is None else residual[:rows].clone()
+        summed = x[:rows] if residual is None else x[:rows] + residual[:rows]
+        _launch_norm(op, rows, x, rs, weight, q, rs, s, eps)
+        if rs is not None:
+            _compare(op + " (residual)", rs, summed, 0.0, 0.0)
+        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(rmsnorm_ref(summed, weight, eps)))
+
+    _self_check((op, x.device, x.dtype, n), x.device, check)
+    _launch_norm(op, t, x, residual, weight, out, residual, scale, eps)
+
+
+def _rmsnorm_fp8_impl(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor, scale: torch.Tensor
+) -> None:
+    _rmsnorm_quant_impl(x, None, weight, eps, out, scale)
+
+
+def _fused_add_rmsnorm_fp8_impl(
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+) -> None:
+    _rmsnorm_quant_impl(x, residual, weight, eps, out, scale)
 
 
 def _qk_norm_rope_impl(
@@ -871,22 +957,10 @@ def _fp8_quant_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> 
     op = "fp8_quant_per_token"
     _check_device_dtype(op, "x", x)
     _check_2d_rows(op, "x", x)
-    if not isinstance(out, torch.Tensor) or out.dtype != torch.float8_e4m3fn:
-        raise TypeError(f"{op}: `out` must be a float8_e4m3fn tensor")
-    _check_2d_rows(op, "out", out)
+    _check_fp8_out(op, x, out, scale)
     if tuple(out.shape) != tuple(x.shape):
         raise ValueError(f"{op}: `out` shape {tuple(out.shape)} must equal x's {tuple(x.shape)}")
     t, k = x.shape
-    if not isinstance(scale, torch.Tensor) or scale.dtype != torch.float32:
-        raise TypeError(f"{op}: `scale` must be a float32 tensor")
-    if tuple(scale.shape) != (t, 1) or not scale.is_contiguous():
-        raise ValueError(
-            f"{op}: `scale` must be a contiguous ({t}, 1) tensor, got "
-            f"{tuple(scale.shape)} with strides {tuple(scale.stride())}"
-        )
-    for name, tt in (("out", out), ("scale", scale)):
-        if tt.device != x.device:
-            raise ValueError(f"{op}: `{name}` is on {tt.device} but `x` is on {x.device}")
     if t == 0:
         return
     if k == 0:
@@ -894,44 +968,64 @@ def _fp8_quant_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> 
     block = min(_QUANT_BLOCK, triton.next_power_of_2(k))
     meta = dict(FP8_MAX_=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8)
 
+    def launch(rows: int, q: torch.Tensor, s: torch.Tensor) -> None:
+        _launch(
+            op, "_fp8_quant_per_token_kernel", (rows,), x.device,
+            x, q, s, x.stride(0), q.stride(0), k, FP8_MIN_AMAX, **meta,
+        )  # fmt: skip
+
     def check() -> None:
         rows = min(t, _CHECK_ROWS)
-        q = out[:rows].clone()
-        s = scale[:rows].clone()
-        _launch(
-            op,
-            "_fp8_quant_per_token_kernel",
-            (rows,),
-            x.device,
-            x,
-            q,
-            s,
-            x.stride(0),
-            q.stride(0),
-            k,
-            FP8_MIN_AMAX,
-            **meta,
-        )
-        want_q, want_s = fp8_quant_per_token_ref(x[:rows])
-        _compare(op + " (scale)", s, want_s, 1e-5, 0.0)
-        # one fp8 step (2**-3 relative) of slack for division rounding differences
-        _compare(op, q, want_q, 0.13, 2.0**-9)
+        q, s = out[:rows].clone(), scale[:rows].clone()
+        launch(rows, q, s)
+        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(x[:rows]))
 
     _self_check((op, x.device, x.dtype, block), x.device, check)
-    _launch(
-        op,
-        "_fp8_quant_per_token_kernel",
-        (t,),
-        x.device,
-        x,
-        out,
-        scale,
-        x.stride(0),
-        out.stride(0),
-        k,
-        FP8_MIN_AMAX,
-        **meta,
-    )
+    launch(t, out, scale)
+
+
+_MAX_QUANT_ROW = 16384  # widest SiLU-and-mul row quantised in one tile
+
+
+def _silu_and_mul_fp8_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+    """``silu(gate) * up`` rounded to x's dtype, then per-token fp8 (``out``, ``scale``)."""
+    op = "silu_and_mul_fp8"
+    _check_device_dtype(op, "x", x)
+    _check_2d_rows(op, "x", x)
+    if x.shape[1] % 2:
+        raise ValueError(
+            f"{op}: `x` must have an even number of columns [gate | up], got {x.shape[1]}"
+        )
+    _check_fp8_out(op, x, out, scale)
+    t, inter = x.shape[0], x.shape[1] // 2
+    if tuple(out.shape) != (t, inter):
+        raise ValueError(
+            f"{op}: `out` shape {tuple(out.shape)} must be ({t}, {inter}) for x of shape "
+            f"{tuple(x.shape)}"
+        )
+    if inter > _MAX_QUANT_ROW:
+        raise ValueError(f"{op}: intermediate size {inter} exceeds the supported {_MAX_QUANT_ROW}")
+    if t == 0:
+        return
+    if inter == 0:
+        raise ValueError(f"{op}: `x` has no columns")
+    block = triton.next_power_of_2(inter)
+    meta = dict(FP8_MAX_=FP8_MAX, BLOCK=block, num_warps=_row_warps(block))
+
+    def launch(rows: int, q: torch.Tensor, s: torch.Tensor) -> None:
+        _launch(
+            op, "_silu_and_mul_quant_kernel", (rows,), x.device,
+            x, q, s, x.stride(0), q.stride(0), inter, FP8_MIN_AMAX, **meta,
+        )  # fmt: skip
+
+    def check() -> None:
+        rows = min(t, _CHECK_ROWS)
+        q, s = out[:rows].clone(), scale[:rows].clone()
+        launch(rows, q, s)
+        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(silu_and_mul_ref(x[:rows])))
+
+    _self_check((op, x.device, x.dtype, block), x.device, check)
+    launch(t, out, scale)
 
 
 # ----------------------------------------------------------------------------------------
@@ -959,6 +1053,20 @@ _SCHEMAS: dict[str, tuple[str, Callable[..., None]]] = {
     "fp8_quant_per_token": (
         "fp8_quant_per_token(Tensor x, Tensor(a!) out, Tensor(b!) scale) -> ()",
         _fp8_quant_impl,
+    ),
+    "fused_rmsnorm_fp8": (
+        "fused_rmsnorm_fp8(Tensor x, Tensor weight, float eps, Tensor(a!) out, "
+        "Tensor(b!) scale) -> ()",
+        _rmsnorm_fp8_impl,
+    ),
+    "fused_add_rmsnorm_fp8": (
+        "fused_add_rmsnorm_fp8(Tensor x, Tensor(a!) residual, Tensor weight, float eps, "
+        "Tensor(b!) out, Tensor(c!) scale) -> ()",
+        _fused_add_rmsnorm_fp8_impl,
+    ),
+    "fused_silu_and_mul_fp8": (
+        "fused_silu_and_mul_fp8(Tensor x, Tensor(a!) out, Tensor(b!) scale) -> ()",
+        _silu_and_mul_fp8_impl,
     ),
 }
 
@@ -1070,4 +1178,53 @@ def fp8_quant_per_token(
     if scale is None:
         scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
     torch.ops.slipstream.fp8_quant_per_token(x, out, scale)
+    return out, scale
+
+
+def _fp8_buffers(rows: int, cols: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return (
+        torch.empty(rows, cols, dtype=torch.float8_e4m3fn, device=device),
+        torch.empty(rows, 1, dtype=torch.float32, device=device),
+    )
+
+
+def rmsnorm_fp8(
+    x: torch.Tensor,  # [T, N]
+    weight: torch.Tensor,  # [N]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, N] float8_e4m3fn, [T, 1] float32)
+    """``fp8_quant_per_token(rmsnorm(x, weight, eps))`` in one pass (x is only read)."""
+    if x.dim() != 2:
+        raise ValueError(f"rmsnorm_fp8: `x` must be 2-D [tokens, N], got {tuple(x.shape)}")
+    out, scale = _fp8_buffers(x.shape[0], x.shape[1], x.device)
+    torch.ops.slipstream.fused_rmsnorm_fp8(x, weight, float(eps), out, scale)
+    return out, scale
+
+
+def fused_add_rmsnorm_fp8(
+    x: torch.Tensor,  # [T, N]: read only
+    residual: torch.Tensor,  # [T, N]: overwritten with x + residual
+    weight: torch.Tensor,  # [N]
+    eps: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:  # (q, scale, new residual)
+    """``residual <- x + residual`` in place, and the per-token fp8 quantisation of
+    ``rmsnorm(residual) * weight``: returns ``(q [T, N] float8_e4m3fn, scale [T, 1], residual)``.
+    """
+    if x.dim() != 2:
+        raise ValueError(
+            f"fused_add_rmsnorm_fp8: `x` must be 2-D [tokens, N], got {tuple(x.shape)}"
+        )
+    out, scale = _fp8_buffers(x.shape[0], x.shape[1], x.device)
+    torch.ops.slipstream.fused_add_rmsnorm_fp8(x, residual, weight, float(eps), out, scale)
+    return out, scale, residual
+
+
+def silu_and_mul_fp8(
+    x: torch.Tensor,  # [T, 2I] holding [gate | up]
+) -> tuple[torch.Tensor, torch.Tensor]:  # ([T, I] float8_e4m3fn, [T, 1] float32)
+    """``fp8_quant_per_token(silu(gate) * up)`` in one pass."""
+    if x.dim() != 2:
+        raise ValueError(f"silu_and_mul_fp8: `x` must be 2-D [tokens, 2*I], got {tuple(x.shape)}")
+    out, scale = _fp8_buffers(x.shape[0], x.shape[1] // 2, x.device)
+    torch.ops.slipstream.fused_silu_and_mul_fp8(x, out, scale)
     return out, scale

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -34,6 +35,16 @@ logger = logging.getLogger("slipstream")
 FP8_DTYPE = torch.float8_e4m3fn
 FP8_MAX = fused_ops.FP8_MAX  # 448.0
 _MIN_AMAX = fused_ops.FP8_MIN_AMAX
+
+
+class Fp8Rows(NamedTuple):
+    """Activations already quantised per token for an :class:`Fp8Linear` (``x ~= q * scale``),
+    produced by the fused RMSNorm / SiLU-and-mul kernels so that no separate quantisation
+    pass reads the bf16 tensor again."""
+
+    q: torch.Tensor  # [T, K] float8_e4m3fn
+    scale: torch.Tensor  # [T, 1] float32
+    dtype: torch.dtype  # dtype of the unquantised activations (the layer's output dtype)
 
 
 def quantize_weight_per_channel(
@@ -185,6 +196,9 @@ class Fp8Linear(PartitionedOutput, nn.Module):
         # fast accumulation roughly doubles GEMM speed. SLIPSTREAM_FP8_FAST_ACCUM=0 turns it
         # off for A/B accuracy runs.
         self.fast_accum = os.environ.get("SLIPSTREAM_FP8_FAST_ACCUM", "1") != "0"
+        # Whether the layer before should hand over Fp8Rows (fused norm/activation + quant):
+        # only for the _scaled_mm GEMM with fusion on (the reference path quantises itself).
+        self.takes_fp8_rows = self.use_scaled_mm and self.fused != "off"
 
     def extra_repr(self) -> str:
         return (
@@ -193,7 +207,17 @@ class Fp8Linear(PartitionedOutput, nn.Module):
         )
 
     # ------------------------------------------------------------------ forward
-    def forward(self, x: torch.Tensor) -> torch.Tensor:  # x: [..., K] -> [..., N]
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:  # [..., K] -> [..., N]
+        if isinstance(x, Fp8Rows):
+            qx, sx, dtype = x
+            if qx.dim() != 2 or qx.shape[1] != self.in_features:
+                raise ValueError(
+                    f"Fp8Linear: quantised input has shape {tuple(qx.shape)}, expected "
+                    f"[tokens, {self.in_features}]"
+                )
+            if qx.shape[0] == 0:
+                return torch.empty(0, self.out_features, dtype=dtype, device=qx.device)
+            return self._gemm(qx, sx, dtype)
         if x.shape[-1] != self.in_features:
             raise ValueError(
                 f"Fp8Linear: input has {x.shape[-1]} features, expected {self.in_features}"
@@ -202,28 +226,24 @@ class Fp8Linear(PartitionedOutput, nn.Module):
         x2 = x.reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return x.new_empty(*lead, self.out_features)
-        if self.use_scaled_mm:
-            y = self._forward_scaled_mm(x2)
-        else:
-            y = self._forward_reference(x2)
-        return y.view(*lead, self.out_features)
+        qx, sx = quantize_per_token(x2, self.fused)
+        return self._gemm(qx, sx, x.dtype).view(*lead, self.out_features)
 
-    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
-        qx, sx = quantize_per_token(x, self.fused)
-        acc = qx.float() @ self.weight.float().t()  # exact products of fp8 values, fp32 sums
-        y = acc * sx * self.weight_scale[None, :]
-        if self.bias is not None:
-            y = y + self.bias.float()
-        return y.to(x.dtype)
-
-    def _forward_scaled_mm(self, x: torch.Tensor) -> torch.Tensor:  # [T, K] -> [T, N]
-        qx, sx = quantize_per_token(x, self.fused)  # [T, K] row-major, [T, 1] contiguous
+    def _gemm(self, qx: torch.Tensor, sx: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """[T, K] fp8 rows with [T, 1] scales -> [T, N] in ``dtype``."""
+        if not self.use_scaled_mm:
+            # Reference: exact products of fp8 values, fp32 sums, then both scales.
+            acc = qx.float() @ self.weight.float().t()
+            y = acc * sx * self.weight_scale[None, :]
+            if self.bias is not None:
+                y = y + self.bias.float()
+            return y.to(dtype)
         bias = self.bias
         fuse_bias = bias is not None and bias.dtype == torch.bfloat16
         y = torch._scaled_mm(
-            qx,
+            qx,  # [T, K] row-major
             self.weight.t(),  # [K, N] column-major view of the row-major [N, K] weight
-            scale_a=sx,
+            scale_a=sx,  # [T, 1] contiguous
             scale_b=self.weight_scale.view(1, -1),  # [1, N] contiguous
             bias=bias if fuse_bias else None,
             out_dtype=torch.bfloat16,
@@ -231,12 +251,15 @@ class Fp8Linear(PartitionedOutput, nn.Module):
         )
         if bias is not None and not fuse_bias:
             y = y + bias.to(y.dtype)
-        return y if x.dtype == torch.bfloat16 else y.to(x.dtype)
+        return y if dtype == torch.bfloat16 else y.to(dtype)
 
 
-def quantize_model_fp8(model: nn.Module, use_scaled_mm: bool | None = None) -> list[str]:
+def quantize_model_fp8(
+    model: nn.Module, use_scaled_mm: bool | None = None, skip_layers: int = 0
+) -> list[str]:
     """Replace every :class:`Linear` inside ``model.layers`` (not embeddings, not lm_head) by
     an :class:`Fp8Linear`, one at a time so that peak memory stays at the loaded model's.
+    The first ``skip_layers`` decoder layers keep their :class:`Linear` modules.
 
     ``use_scaled_mm``: None = torch._scaled_mm where supported (Hopper, dims % 16 == 0), else
     the dequantising reference; True = require _scaled_mm (ConfigError otherwise); False = the
@@ -249,6 +272,8 @@ def quantize_model_fp8(model: nn.Module, use_scaled_mm: bool | None = None) -> l
             f"quantize_model_fp8: {type(model).__name__} has no `layers` ModuleList of decoder "
             "layers"
         )
+    if skip_layers < 0:
+        raise ValueError(f"skip_layers must be >= 0, got {skip_layers}")
     replaced: list[str] = []
     on_cuda = False
     with torch.no_grad():
@@ -258,6 +283,8 @@ def quantize_model_fp8(model: nn.Module, use_scaled_mm: bool | None = None) -> l
                 mod = layer.get_submodule(name)
                 if isinstance(mod, Fp8Linear):
                     mod.set_gemm(use_scaled_mm)
+                    continue
+                if i < skip_layers:
                     continue
                 assert isinstance(mod, Linear)
                 on_cuda = on_cuda or mod.weight.is_cuda

@@ -40,6 +40,9 @@ class PartitionedOutput:
 class Linear(PartitionedOutput, nn.Module):
     """y = x W^T (+ b), with optional named output partitions for merged weights."""
 
+    # The layer feeding this one may hand over fp8-quantised rows only to an Fp8Linear.
+    takes_fp8_rows = False
+
     def __init__(
         self,
         in_features: int,

@@ -10,6 +10,7 @@ from slipstream.config import ModelConfig
 from slipstream.kernels import fused as fused_ops
 from slipstream.layers.activation import silu_and_mul
 from slipstream.layers.attention import Attention
+from slipstream.layers.fp8 import Fp8Rows
 from slipstream.layers.linear import Linear
 from slipstream.layers.norm import RMSNorm
 from slipstream.layers.rotary import RotaryEmbedding
@@ -38,14 +39,14 @@ class Qwen3Attention(nn.Module):
 
     def forward(
         self,
-        x: torch.Tensor,  # [T, hidden]
+        x: torch.Tensor | Fp8Rows,  # [T, hidden] (quantised already for an fp8 qkv_proj)
         cos: torch.Tensor,  # [T, head_dim] float32
         sin: torch.Tensor,
         meta: AttentionMetadata,
         rows: torch.Tensor | None = None,  # [B] int64: compute the output for these rows only
     ) -> torch.Tensor:  # [T, hidden], or [B, hidden] with rows
-        t = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
+        t = qkv.shape[0]
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
         k = qkv[:, self.q_size : self.q_size + self.kv_size].view(
             t, self.num_kv_heads, self.head_dim
@@ -68,7 +69,7 @@ class Qwen3Attention(nn.Module):
         # sees every key. The gather copies B rows, not T.
         b = rows.shape[0]
         meta_rows = AttentionMetadata(
-            cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=x.device),
+            cu_seqlens_q=torch.arange(b + 1, dtype=torch.int32, device=qkv.device),
             cu_seqlens_k=meta.cu_seqlens_k,
             max_seqlen_q=1,
             max_seqlen_k=meta.max_seqlen_k,
@@ -88,8 +89,12 @@ class Qwen3MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.fused = fused_ops.fusion_mode()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x), fused=self.fused))
+    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+        # fp8: the fused activation kernel hands down_proj its input already quantised.
+        act = silu_and_mul(
+            self.gate_up_proj(x), fused=self.fused, fp8=self.down_proj.takes_fp8_rows
+        )
+        return self.down_proj(act)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -109,15 +114,18 @@ class Qwen3DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         rows: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
+        # With fp8 GEMMs the norms quantise their output for the projection that reads it.
+        fp8_in = self.self_attn.qkv_proj.takes_fp8_rows
         if residual is None:
             residual = x
-            h = self.input_layernorm(x)
+            h = self.input_layernorm(x, fp8=fp8_in)
         else:
-            h, residual = self.input_layernorm.forward_residual(x, residual)
-        h = self.self_attn(h, cos, sin, meta, rows)
+            h, residual = self.input_layernorm.forward_residual(x, residual, fp8=fp8_in)
+        a = self.self_attn(h, cos, sin, meta, rows)
         if rows is not None:
             residual = residual[rows]
-        h, residual = self.post_attention_layernorm.forward_residual(h, residual)
+        fp8_mlp = self.mlp.gate_up_proj.takes_fp8_rows
+        h, residual = self.post_attention_layernorm.forward_residual(a, residual, fp8=fp8_mlp)
         return self.mlp(h), residual
 
 

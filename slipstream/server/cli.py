@@ -11,6 +11,8 @@ import logging
 import os
 from pathlib import Path
 
+from slipstream.cli import add_quantization_args
+
 logger = logging.getLogger("slipstream.server")
 
 
@@ -37,6 +39,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="float32, bfloat16 or float16 (default: bfloat16 on GPU, float32 on CPU)",
     )
     p.add_argument("--attention-backend", default=None, help="torch or flash")
+    add_quantization_args(p)
     p.add_argument(
         "--api-key",
         default=None,
