@@ -2,7 +2,7 @@
 # Every GPU test and benchmark in one call (the GPU lease is short and each start costs
 # minutes). Usage: bash scripts/gpu_check.sh [stage ...]
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
-#           fp8-ab breakdown breakdown-fp8
+#           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -81,13 +81,21 @@ for stage in $STAGES; do
     $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 \
       --json "$RES/fp8_ab_mixed.json" 2>&1 | tee "$RES/fp8_ab_mixed.log"
     ;;
-  breakdown|breakdown-fp8)
+  breakdown|breakdown-fp8|breakdown-short)
     need_ckpt || continue
-    q=""; tag=bf16
-    if [ "$stage" = breakdown-fp8 ]; then q="--quantization fp8"; tag=fp8; fi
-    log "kernel breakdown mixed $tag"
-    $PY scripts/kernel_breakdown.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 $q \
-      --json "$RES/kernel_breakdown_mixed_$tag.json" 2>&1 | tee "$RES/kernel_breakdown_mixed_$tag.log"
+    q=""; tag=mixed_bf16; wl="--workload mixed --items 400"
+    if [ "$stage" = breakdown-fp8 ]; then q="--quantization fp8"; tag=mixed_fp8; fi
+    if [ "$stage" = breakdown-short ]; then wl="--workload short --items 4000"; tag=short_bf16; fi
+    log "kernel breakdown $tag"
+    $PY scripts/kernel_breakdown.py --model "$CK/qwen3-0.6b" $wl $q \
+      --json "$RES/kernel_breakdown_$tag.json" 2>&1 | tee "$RES/kernel_breakdown_$tag.log"
+    ;;
+  attn-ws)
+    for ws in 0 1; do
+      log "attention bench, SLIPSTREAM_FLASH_WS=$ws"
+      SLIPSTREAM_FLASH_WS=$ws $PY benchmarks/attention_bench.py --variants base,gqa_pack --cases a,b \
+        --json "$RES/attention_ws$ws.json" 2>&1 | tail -25 | tee "$RES/attention_ws$ws.log"
+    done
     ;;
   embed-long)
     need_ckpt || continue

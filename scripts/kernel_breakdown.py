@@ -104,6 +104,15 @@ def main() -> None:
     top = sorted(per_kernel.items(), key=lambda x: -x[1])[:15]
     for k, t in top:
         print(f"  {t / 1e3:9.2f} ms  {100 * t / total:5.1f}%  [{category(k)}] {k[:110]}")
+    # Host side: self CPU time of the ops and Python-level regions (under the profiler, which
+    # adds its own overhead per op; compare shares, not absolute values).
+    host = sorted(
+        ((e.key, float(e.self_cpu_time_total), int(e.count)) for e in prof.key_averages()),
+        key=lambda x: -x[1],
+    )[:15]
+    print("top host (self CPU) ops under the profiler:")
+    for k, t, n in host:
+        print(f"  {t / 1e3:9.2f} ms  x{n:<6d} {k[:100]}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(
@@ -115,6 +124,7 @@ def main() -> None:
                     "kernel_ms": total / 1e3,
                     "categories_ms": {c: t / 1e3 for c, t in cats.items()},
                     "top_kernels_ms": [[k, t / 1e3] for k, t in top],
+                    "top_host_self_cpu_ms": [[k, t / 1e3, n] for k, t, n in host],
                 },
                 f,
                 indent=2,

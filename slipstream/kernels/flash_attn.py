@@ -39,6 +39,9 @@ CUDA graph. Environment knobs (read per call):
 * ``SLIPSTREAM_FLASH_VARIANT=base|wide|gqa_pack``: kernel variant (see ``VARIANTS``; default
   ``gqa_pack``, the fastest in benchmarks/results/attention_variants_h100.json). ``wide``: same kernel, wider autotune space. ``gqa_pack``: the query heads that
   share a kv head are stacked into one Q tile, so each K/V tile load serves all of them.
+* ``SLIPSTREAM_FLASH_WS=1``: Triton's automatic warp specialisation of the unmasked key loop
+  (``tl.range(..., warp_specialize=True)``); for A/B runs, off by default (see
+  docs/performance.md for the measurement).
 
 The Python wrapper launches directly in plain eager mode (saves ~10 us of dispatcher boxing
 per call) and goes through ``torch.ops.slipstream.flash_attn_varlen`` whenever something is
@@ -124,10 +127,12 @@ def _attn_fwd_inner(
     BLOCK_N: tl.constexpr,
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
+    WS: tl.constexpr = False,
 ):
     # One pass over key blocks [lo, hi). MASKED=False is the hot loop: every key in range is
     # valid and visible to every query row, so loads and scores need no mask at all.
-    for start_n in range(lo, hi, BLOCK_N):
+    # WS: Triton's automatic warp specialisation of the loop (SLIPSTREAM_FLASH_WS=1, A/B only).
+    for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
         if MASKED:
@@ -189,6 +194,7 @@ def _flash_attn_varlen_fwd_kernel(
     CAUSAL: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
 ):
     # 1-D grid of num_heads_q * NV programs over "virtual" query blocks. Sequence b owns the
     # virtual blocks [cu_q[b] // BLOCK_M + b, cu_q[b+1] // BLOCK_M + b + 1): at least
@@ -258,7 +264,7 @@ def _flash_attn_varlen_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
         0, full_hi, seqlen_k, causal_shift, qk_scale,
-        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
@@ -299,6 +305,7 @@ def _flash_attn_varlen_fwd_packed_kernel(
     BLOCK_M: tl.constexpr,  # rows of the Q tile = PACK heads x (BLOCK_M // PACK) positions
     BLOCK_N: tl.constexpr,
     PACK: tl.constexpr,  # query heads (sharing one kv head) stacked into one Q tile
+    WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
 ):
     # Variant "gqa_pack": like the base kernel, but one program owns PACK query heads that read
     # the same kv head (PACK divides group_size). Their rows are stacked into one Q tile,
@@ -367,7 +374,7 @@ def _flash_attn_varlen_fwd_packed_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
         0, full_hi, seqlen_k, causal_shift, qk_scale,
-        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
@@ -942,6 +949,8 @@ def _launch(
         batch, hq, hq // hkv, _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k),
     )  # fmt: skip
     meta = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal)}
+    if os.environ.get("SLIPSTREAM_FLASH_WS", "0") == "1" and not _interpret_mode():
+        meta["WS"] = True
 
     if config is None:
         config = _INTERPRETER_BLOCKS if _interpret_mode() else _env_config(head_dim, variant)
