@@ -59,16 +59,10 @@ def main() -> None:
     for name, kwargs, env, handover in VARIANTS:
         if only and name not in only and name != "bf16":
             continue
+        # The variant's environment holds for the whole run (some switches are read per call).
         old = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
-        try:
-            engine = Engine(args.model, device="cuda", dtype="bfloat16", **kwargs)
-        finally:
-            for k, v in old.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+        engine = Engine(args.model, device="cuda", dtype="bfloat16", **kwargs)
         if not handover:
             for m in engine.runner.model.modules():
                 if isinstance(m, Fp8Linear):
@@ -101,6 +95,11 @@ def main() -> None:
         print(f"{name:26s} {row['items_per_s']:8.1f} items/s  wall {wall * 1e3:7.1f} ms  "
               f"cos min {row['cos_min_vs_bf16']:.4f} mean {row['cos_mean_vs_bf16']:.5f}  "
               f"fp8 linears {row['fp8_layers']}", flush=True)  # fmt: skip
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
         del engine
         gc.collect()
         torch.cuda.empty_cache()

@@ -91,10 +91,11 @@ for stage in $STAGES; do
       --json "$RES/kernel_breakdown_$tag.json" 2>&1 | tee "$RES/kernel_breakdown_$tag.log"
     ;;
   attn-ws)
-    for ws in 0 1; do
-      log "attention bench, SLIPSTREAM_FLASH_WS=$ws"
-      SLIPSTREAM_FLASH_WS=$ws $PY benchmarks/attention_bench.py --variants base,gqa_pack --cases a,b \
-        --json "$RES/attention_ws$ws.json" 2>&1 | tail -25 | tee "$RES/attention_ws$ws.log"
+    sw=SLIPSTREAM_FLASH_WS
+    for on in 0 1; do
+      log "attention bench, $sw=$on"
+      env $sw=$on $PY benchmarks/attention_bench.py --variants base,gqa_pack --cases a,b \
+        --json "$RES/${stage}_$on.json" 2>&1 | tail -25 | tee "$RES/${stage}_$on.log"
     done
     ;;
   embed-long)
