@@ -173,6 +173,9 @@ def test_quantize_skips_leading_layers(tiny_qwen3: Path, fp32_vectors: np.ndarra
         Engine(tiny_qwen3, device="cpu", fp8_skip_layers=-1)
 
 
+@pytest.mark.skipif(
+    torch.cuda.is_available(), reason="interpreter path; test_gpu_fp8_engine_matches_bf16 on CUDA"
+)
 def test_fused_norm_and_activation_hand_fp8_rows_to_the_gemm(
     tiny_qwen3: Path, fp32_vectors: np.ndarray, monkeypatch: pytest.MonkeyPatch
 ) -> None:

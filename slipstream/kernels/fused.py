@@ -37,6 +37,7 @@ from typing import Any
 import torch
 
 from slipstream.kernels._library import register_ops
+from slipstream.kernels.flash_attn import _eager_direct_ok
 
 try:  # Triton is optional at import time; kernels are jit-wrapped on first use.
     import triton
@@ -592,7 +593,99 @@ def fp8_quant_per_token_ref(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
 # ----------------------------------------------------------------------------------------
 # Launchers (the op implementations)
+#
+# Host cost. The argument checks are pure functions of the arguments' layout (shapes, strides,
+# dtypes, devices), the scalar arguments and, for CPU tensors, TRITON_INTERPRET -- except the
+# overlap checks, which also depend on the data pointers. So each implementation first looks
+# the layout up in `_plans`: a hit replays what the full checks established the first time
+# (the launch grid, scalar arguments and meta-parameters) and only redoes the overlap checks,
+# from byte extents stored in the plan. A miss, an overlap, or a CPU plan while the interpreter
+# is off runs the full checks (which raise exactly as they always have) and records the plan.
+# A key never holds a layout that failed a check, so a bad argument always reaches the checks.
 # ----------------------------------------------------------------------------------------
+
+
+class _Plan:
+    """What the checks of one op established for one argument layout."""
+
+    __slots__ = ("args", "check_key", "cpu", "device", "eps", "ext", "grid", "meta", "same")
+
+    def __init__(
+        self,
+        device: torch.device,
+        grid: tuple[int, ...] | None,  # None: nothing to launch (no rows)
+        args: tuple[Any, ...] = (),  # the scalar kernel arguments after the tensors
+        meta: dict[str, Any] | None = None,  # constexprs and num_warps
+        check_key: tuple[Any, ...] = (),  # the first-use self-check's key
+        eps: float = 0.0,
+        ext: tuple[int, ...] = (),  # byte extents (`_span`) of the tensors overlap-checked
+        same: bool = False,  # rmsnorm: `out` and `x` have the same shape, strides and dtype
+    ) -> None:
+        self.device = device
+        self.cpu = device.type == "cpu"  # valid only while TRITON_INTERPRET=1
+        self.grid = grid
+        self.args = args
+        self.meta = {} if meta is None else meta
+        self.check_key = check_key
+        self.eps = eps
+        self.ext = ext
+        self.same = same
+
+
+_plans: dict[tuple[Any, ...], _Plan] = {}
+_MAX_PLANS = 4096  # layouts remembered (one per op and token count, typically); then cleared
+
+
+def _lookup(key: tuple[Any, ...] | None) -> _Plan | None:
+    plan = _plans.get(key) if key is not None else None
+    if plan is not None and plan.cpu and not _interpret_mode():
+        return None  # the full checks decide (and raise)
+    return plan
+
+
+def _remember(key: tuple[Any, ...] | None, plan: _Plan) -> _Plan:
+    if key is not None:
+        if len(_plans) >= _MAX_PLANS:
+            _plans.clear()
+        _plans[key] = plan
+    return plan
+
+
+def _extent(t: torch.Tensor) -> int:
+    lo, hi = _span(t)
+    return hi - lo  # 0 for an empty tensor
+
+
+def _disjoint(a: torch.Tensor, a_ext: int, b: torch.Tensor, b_ext: int) -> bool:
+    """`_check_alias`'s overlap test from extents measured when the plan was made."""
+    if not a_ext or not b_ext:
+        return True  # an empty tensor overlaps nothing
+    a0 = a.data_ptr()
+    b0 = b.data_ptr()
+    return a0 >= b0 + b_ext or b0 >= a0 + a_ext
+
+
+@functools.cache
+def _norm_meta(n: int, has_residual: bool, quant: bool) -> dict[str, Any]:
+    block = triton.next_power_of_2(n)
+    return dict(
+        HAS_RESIDUAL=has_residual,
+        QUANT=quant,
+        FP8_MAX_=FP8_MAX,
+        BLOCK=block,
+        num_warps=_row_warps(block),
+    )
+
+
+def _norm_args(
+    x: torch.Tensor,
+    r: torch.Tensor,
+    out: torch.Tensor,
+    ro: torch.Tensor,
+    eps: float,
+) -> tuple[Any, ...]:
+    """The scalar `_rmsnorm_kernel` arguments."""
+    return (x.stride(0), r.stride(0), out.stride(0), ro.stride(0), x.shape[1], eps, FP8_MIN_AMAX)
 
 
 def _launch_norm(
@@ -608,8 +701,6 @@ def _launch_norm(
 ) -> None:
     """One `_rmsnorm_kernel` launch over the first ``rows`` rows. ``residual``: add it first
     (sum -> ``res_out``); ``scale``: ``out`` is float8 and gets the per-row quantisation."""
-    n = x.shape[1]
-    block = triton.next_power_of_2(n)
     r = x if residual is None else residual
     ro = out if res_out is None else res_out
     _launch(
@@ -618,13 +709,8 @@ def _launch_norm(
         (rows,),
         x.device,
         x, r, weight, out, ro, out if scale is None else scale,
-        x.stride(0), r.stride(0), out.stride(0), ro.stride(0),
-        n, eps, FP8_MIN_AMAX,
-        HAS_RESIDUAL=residual is not None,
-        QUANT=scale is not None,
-        FP8_MAX_=FP8_MAX,
-        BLOCK=block,
-        num_warps=_row_warps(block),
+        *_norm_args(x, r, out, ro, eps),
+        **_norm_meta(x.shape[1], residual is not None, scale is not None),
     )  # fmt: skip
 
 
@@ -674,8 +760,63 @@ def _compare_fp8(
     _compare(op, q, want_q, 0.13, 2.0**-9)
 
 
-def _rmsnorm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+# --- rmsnorm ------------------------------------------------------------------------------
+
+
+def _rmsnorm_key(
+    x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor
+) -> tuple[Any, ...] | None:
+    if type(eps) is not float:
+        return None
+    try:
+        return (
+            "rmsnorm",
+            x.shape, x.stride(), x.dtype, x.device,
+            weight.shape, weight.stride(), weight.dtype, weight.device,
+            out.shape, out.stride(), out.dtype, out.device,
+            eps,
+        )  # fmt: skip
+    except Exception:  # not a strided tensor: no plan; the full checks decide
+        return None
+
+
+def _rmsnorm_cached(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> bool:
+    """Run from a plan if one vouches for these arguments; False if the full checks must run."""
+    plan = _lookup(_rmsnorm_key(x, weight, eps, out))
+    if plan is None:
+        return False
+    if not _disjoint(out, plan.ext[0], x, plan.ext[1]) and not (
+        plan.same and out.data_ptr() == x.data_ptr()  # in place: `out` is `x` itself
+    ):
+        return False
+    _rmsnorm_run(plan, x, weight, out)
+    return True
+
+
+def _rmsnorm_run(plan: _Plan, x: torch.Tensor, weight: torch.Tensor, out: torch.Tensor) -> None:
+    if plan.grid is None:
+        return
     op = "rmsnorm"
+    eps = plan.eps
+
+    def check() -> None:
+        rows = min(x.shape[0], _CHECK_ROWS)
+        xs, os_ = x[:rows].clone(), out[:rows].clone()
+        _launch_norm(op, rows, xs, None, weight, os_, None, None, eps)
+        _compare(op, os_, rmsnorm_ref(x[:rows], weight, eps), *_tol(x.dtype))
+
+    _self_check(plan.check_key, plan.device, check)
+    _launch(
+        op, "_rmsnorm_kernel", plan.grid, plan.device,
+        x, x, weight, out, out, out, *plan.args, **plan.meta,
+    )  # fmt: skip
+
+
+def _rmsnorm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.Tensor) -> None:
+    if _rmsnorm_cached(x, weight, eps, out):
+        return
+    op = "rmsnorm"
+    key = _rmsnorm_key(x, weight, eps, out)
     eps = _check_norm_args(op, x, weight, eps)
     _check_2d_rows(op, "out", out)
     if tuple(out.shape) != tuple(x.shape):
@@ -683,31 +824,60 @@ def _rmsnorm_impl(x: torch.Tensor, weight: torch.Tensor, eps: float, out: torch.
     _same(op, "x", x, out=out)
     _check_alias(op, "out", out, "x", x, allow_identical=True)
     t, n = x.shape
-    if t == 0 or n == 0:
-        return
+    grid = (t,) if t and n else None
+    plan = _Plan(
+        x.device,
+        grid,
+        _norm_args(x, x, out, out, eps),
+        _norm_meta(n, False, False) if grid else None,
+        (op, x.device, x.dtype, n),
+        eps,
+        (_extent(out), _extent(x)),
+        out.stride() == x.stride(),  # shapes and dtypes are equal (checked above)
+    )
+    _rmsnorm_run(_remember(key, plan), x, weight, out)
 
-    def check() -> None:
-        rows = min(t, _CHECK_ROWS)
-        xs, os_ = x[:rows].clone(), out[:rows].clone()
-        _launch_norm(op, rows, xs, None, weight, os_, None, None, eps)
-        _compare(op, os_, rmsnorm_ref(x[:rows], weight, eps), *_tol(x.dtype))
 
-    _self_check((op, x.device, x.dtype, n), x.device, check)
-    _launch_norm(op, t, x, None, weight, out, None, None, eps)
+# --- fused_add_rmsnorm --------------------------------------------------------------------
 
 
-def _fused_add_rmsnorm_impl(
+def _fused_add_rmsnorm_key(
     x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[Any, ...] | None:
+    if type(eps) is not float:
+        return None
+    try:
+        return (
+            "fused_add_rmsnorm",
+            x.shape, x.stride(), x.dtype, x.device,
+            residual.shape, residual.stride(), residual.dtype, residual.device,
+            weight.shape, weight.stride(), weight.dtype, weight.device,
+            eps,
+        )  # fmt: skip
+    except Exception:
+        return None
+
+
+def _fused_add_rmsnorm_cached(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> bool:
+    plan = _lookup(_fused_add_rmsnorm_key(x, residual, weight, eps))
+    if plan is None or not _disjoint(residual, plan.ext[0], x, plan.ext[1]):
+        return False
+    _fused_add_rmsnorm_run(plan, x, residual, weight)
+    return True
+
+
+def _fused_add_rmsnorm_run(
+    plan: _Plan, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor
 ) -> None:
-    op = "fused_add_rmsnorm"
-    eps = _check_norm_args(op, x, weight, eps)
-    _check_residual(op, x, residual)
-    t, n = x.shape
-    if t == 0 or n == 0:
+    if plan.grid is None:
         return
+    op = "fused_add_rmsnorm"
+    eps = plan.eps
 
     def check() -> None:
-        rows = min(t, _CHECK_ROWS)
+        rows = min(x.shape[0], _CHECK_ROWS)
         xs, rs = x[:rows].clone(), residual[:rows].clone()
         summed = x[:rows] + residual[:rows]
         want = rmsnorm_ref(summed, weight, eps)
@@ -715,8 +885,116 @@ def _fused_add_rmsnorm_impl(
         _compare(op + " (residual)", rs, summed, 0.0, 0.0)
         _compare(op, xs, want, *_tol(x.dtype))
 
-    _self_check((op, x.device, x.dtype, n), x.device, check)
-    _launch_norm(op, t, x, residual, weight, x, residual, None, eps)
+    _self_check(plan.check_key, plan.device, check)
+    _launch(
+        op, "_rmsnorm_kernel", plan.grid, plan.device,
+        x, residual, weight, x, residual, x, *plan.args, **plan.meta,
+    )  # fmt: skip
+
+
+def _fused_add_rmsnorm_impl(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> None:
+    if _fused_add_rmsnorm_cached(x, residual, weight, eps):
+        return
+    op = "fused_add_rmsnorm"
+    key = _fused_add_rmsnorm_key(x, residual, weight, eps)
+    eps = _check_norm_args(op, x, weight, eps)
+    _check_residual(op, x, residual)
+    t, n = x.shape
+    grid = (t,) if t and n else None
+    plan = _Plan(
+        x.device,
+        grid,
+        _norm_args(x, residual, x, residual, eps),
+        _norm_meta(n, True, False) if grid else None,
+        (op, x.device, x.dtype, n),
+        eps,
+        (_extent(residual), _extent(x)),
+    )
+    _fused_add_rmsnorm_run(_remember(key, plan), x, residual, weight)
+
+
+# --- rmsnorm_fp8 / fused_add_rmsnorm_fp8 --------------------------------------------------
+
+
+def _rmsnorm_quant_key(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+) -> tuple[Any, ...] | None:
+    if type(eps) is not float:
+        return None
+    try:
+        key = (
+            "rmsnorm_fp8",
+            x.shape, x.stride(), x.dtype, x.device,
+            weight.shape, weight.stride(), weight.dtype, weight.device,
+            out.shape, out.stride(), out.dtype, out.device,
+            scale.shape, scale.stride(), scale.dtype, scale.device,
+            eps,
+        )  # fmt: skip
+        if residual is None:
+            return key
+        return (
+            "fused_add_rmsnorm_fp8",
+            key,
+            residual.shape, residual.stride(), residual.dtype, residual.device,
+        )  # fmt: skip
+    except Exception:
+        return None
+
+
+def _rmsnorm_quant_cached(
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    eps: float,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+) -> bool:
+    plan = _lookup(_rmsnorm_quant_key(x, residual, weight, eps, out, scale))
+    if plan is None:
+        return False
+    if residual is not None and not _disjoint(residual, plan.ext[0], x, plan.ext[1]):
+        return False
+    _rmsnorm_quant_run(plan, x, residual, weight, out, scale)
+    return True
+
+
+def _rmsnorm_quant_run(
+    plan: _Plan,
+    x: torch.Tensor,
+    residual: torch.Tensor | None,
+    weight: torch.Tensor,
+    out: torch.Tensor,
+    scale: torch.Tensor,
+) -> None:
+    if plan.grid is None:
+        return
+    op = "rmsnorm_fp8" if residual is None else "fused_add_rmsnorm_fp8"
+    eps = plan.eps
+
+    def check() -> None:
+        rows = min(x.shape[0], _CHECK_ROWS)
+        q, s = out[:rows].clone(), scale[:rows].clone()
+        rs = None if residual is None else residual[:rows].clone()
+        summed = x[:rows] if residual is None else x[:rows] + residual[:rows]
+        _launch_norm(op, rows, x, rs, weight, q, rs, s, eps)
+        if rs is not None:
+            _compare(op + " (residual)", rs, summed, 0.0, 0.0)
+        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(rmsnorm_ref(summed, weight, eps)))
+
+    _self_check(plan.check_key, plan.device, check)
+    r = x if residual is None else residual
+    ro = out if residual is None else residual
+    _launch(
+        op, "_rmsnorm_kernel", plan.grid, plan.device,
+        x, r, weight, out, ro, scale, *plan.args, **plan.meta,
+    )  # fmt: skip
 
 
 def _rmsnorm_quant_impl(
@@ -730,7 +1008,10 @@ def _rmsnorm_quant_impl(
     """RMSNorm (after ``residual <- x + residual`` when a residual is given) whose output goes
     straight to per-token fp8: ``out`` [T, N] float8_e4m3fn, ``scale`` [T, 1] float32. ``x``
     is only read."""
+    if _rmsnorm_quant_cached(x, residual, weight, eps, out, scale):
+        return
     op = "rmsnorm_fp8" if residual is None else "fused_add_rmsnorm_fp8"
+    key = _rmsnorm_quant_key(x, residual, weight, eps, out, scale)
     eps = _check_norm_args(op, x, weight, eps)
     if residual is not None:
         _check_residual(op, x, residual)
@@ -738,23 +1019,21 @@ def _rmsnorm_quant_impl(
     if tuple(out.shape) != tuple(x.shape):
         raise ValueError(f"{op}: `out` shape {tuple(out.shape)} must equal x's {tuple(x.shape)}")
     t, n = x.shape
-    if t == 0:
-        return
-    if n == 0:
+    if t and not n:
         raise ValueError(f"{op}: `x` has no columns")
-
-    def check() -> None:
-        rows = min(t, _CHECK_ROWS)
-        q, s = out[:rows].clone(), scale[:rows].clone()
-        rs = None if residual is None else residual[:rows].clone()
-        summed = x[:rows] if residual is None else x[:rows] + residual[:rows]
-        _launch_norm(op, rows, x, rs, weight, q, rs, s, eps)
-        if rs is not None:
-            _compare(op + " (residual)", rs, summed, 0.0, 0.0)
-        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(rmsnorm_ref(summed, weight, eps)))
-
-    _self_check((op, x.device, x.dtype, n), x.device, check)
-    _launch_norm(op, t, x, residual, weight, out, residual, scale, eps)
+    r = x if residual is None else residual
+    ro = out if residual is None else residual
+    grid = (t,) if t else None
+    plan = _Plan(
+        x.device,
+        grid,
+        _norm_args(x, r, out, ro, eps),
+        _norm_meta(n, residual is not None, True) if grid else None,
+        (op, x.device, x.dtype, n),
+        eps,
+        () if residual is None else (_extent(residual), _extent(x)),
+    )
+    _rmsnorm_quant_run(_remember(key, plan), x, residual, weight, out, scale)
 
 
 def _rmsnorm_fp8_impl(
@@ -774,6 +1053,121 @@ def _fused_add_rmsnorm_fp8_impl(
     _rmsnorm_quant_impl(x, residual, weight, eps, out, scale)
 
 
+# --- qk_norm_rope_ ------------------------------------------------------------------------
+
+
+def _qk_norm_rope_key(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> tuple[Any, ...] | None:
+    if (
+        type(eps) is not float
+        or type(num_heads) is not int
+        or type(num_kv_heads) is not int
+        or type(head_dim) is not int
+    ):
+        return None
+    try:
+        return (
+            "qk_norm_rope_",
+            qkv.shape, qkv.stride(), qkv.dtype, qkv.device,
+            q_weight.shape, q_weight.stride(), q_weight.dtype, q_weight.device,
+            k_weight.shape, k_weight.stride(), k_weight.dtype, k_weight.device,
+            cos.shape, cos.stride(), cos.dtype, cos.device,
+            sin.shape, sin.stride(), sin.dtype, sin.device,
+            num_heads, num_kv_heads, head_dim, eps,
+        )  # fmt: skip
+    except Exception:
+        return None
+
+
+def _qk_norm_rope_cached(
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+    eps: float,
+) -> bool:
+    plan = _lookup(
+        _qk_norm_rope_key(qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim, eps)
+    )
+    if plan is None:
+        return False
+    qkv_ext, cos_ext, sin_ext = plan.ext
+    if not (_disjoint(qkv, qkv_ext, cos, cos_ext) and _disjoint(qkv, qkv_ext, sin, sin_ext)):
+        return False
+    _qk_norm_rope_run(plan, qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim)
+    return True
+
+
+def _qk_norm_rope_run(
+    plan: _Plan,
+    qkv: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    head_dim: int,
+) -> None:
+    grid = plan.grid
+    if grid is None:
+        return
+    op = "qk_norm_rope_"
+    eps = plan.eps
+    meta = plan.meta
+
+    def check() -> None:
+        rows = min(qkv.shape[0], _CHECK_ROWS)
+        buf = qkv[:rows].clone()
+        q_sz, k_sz = num_heads * head_dim, num_kv_heads * head_dim
+        q = buf[:, :q_sz].view(rows, num_heads, head_dim)
+        k = buf[:, q_sz : q_sz + k_sz].view(rows, num_kv_heads, head_dim)
+        want_q = rope_ref(rmsnorm_ref(q, q_weight, eps), cos[:rows], sin[:rows])
+        want_k = rope_ref(rmsnorm_ref(k, k_weight, eps), cos[:rows], sin[:rows])
+        want_v = buf[:, q_sz + k_sz :].clone()
+        _launch(
+            op,
+            "_qk_norm_rope_kernel",
+            (rows, grid[1]),
+            qkv.device,
+            buf,
+            q_weight,
+            k_weight,
+            cos,
+            sin,
+            buf.stride(0),
+            cos.stride(0),
+            sin.stride(0),
+            num_heads,
+            num_heads + num_kv_heads,
+            eps,
+            **meta,
+        )
+        rtol, atol = _tol(qkv.dtype)
+        _compare(op + " (q)", q, want_q, 2 * rtol, 2 * atol)
+        _compare(op + " (k)", k, want_k, 2 * rtol, 2 * atol)
+        _compare(op + " (v untouched)", buf[:, q_sz + k_sz :], want_v, 0.0, 0.0)
+
+    _self_check(plan.check_key, plan.device, check)
+    _launch(
+        op, "_qk_norm_rope_kernel", grid, plan.device,
+        qkv, q_weight, k_weight, cos, sin, *plan.args, **meta,
+    )  # fmt: skip
+
+
 def _qk_norm_rope_impl(
     qkv: torch.Tensor,
     q_weight: torch.Tensor,
@@ -785,7 +1179,14 @@ def _qk_norm_rope_impl(
     head_dim: int,
     eps: float,
 ) -> None:
+    if _qk_norm_rope_cached(
+        qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim, eps
+    ):
+        return
     op = "qk_norm_rope_"
+    key = _qk_norm_rope_key(
+        qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim, eps
+    )
     _check_device_dtype(op, "qkv", qkv)
     _check_2d_rows(op, "qkv", qkv)
     for name, val in (
@@ -822,77 +1223,92 @@ def _qk_norm_rope_impl(
             raise ValueError(f"{op}: `{name}` is on {cs.device} but `qkv` is on {qkv.device}")
         _check_alias(op, "qkv", qkv, name, cs, allow_identical=False)
     eps = _check_eps(op, eps)
+    ext = (_extent(qkv), _extent(cos), _extent(sin))
     if t == 0:
-        return
-    half = head_dim // 2
-    block_half = triton.next_power_of_2(half)
-    heads_qk = num_heads + num_kv_heads
-    # ~2K elements per tile: the q and k heads of a token in one or a few programs.
-    block_h = max(1, min(triton.next_power_of_2(heads_qk), max(1, 2048 // block_half)))
-    grid = (t, triton.cdiv(heads_qk, block_h))
-    warps = 4 if block_h * block_half <= 1024 else 8
-    meta = dict(
-        HEAD_DIM=head_dim, HALF=half, BLOCK_HALF=block_half, BLOCK_H=block_h, num_warps=warps
-    )
-
-    def check() -> None:
-        rows = min(t, _CHECK_ROWS)
-        buf = qkv[:rows].clone()
-        q_sz, k_sz = num_heads * head_dim, num_kv_heads * head_dim
-        q = buf[:, :q_sz].view(rows, num_heads, head_dim)
-        k = buf[:, q_sz : q_sz + k_sz].view(rows, num_kv_heads, head_dim)
-        want_q = rope_ref(rmsnorm_ref(q, q_weight, eps), cos[:rows], sin[:rows])
-        want_k = rope_ref(rmsnorm_ref(k, k_weight, eps), cos[:rows], sin[:rows])
-        want_v = buf[:, q_sz + k_sz :].clone()
-        _launch(
-            op,
-            "_qk_norm_rope_kernel",
-            (rows, grid[1]),
+        plan = _Plan(qkv.device, None, eps=eps, ext=ext)
+    else:
+        half = head_dim // 2
+        block_half = triton.next_power_of_2(half)
+        heads_qk = num_heads + num_kv_heads
+        # ~2K elements per tile: the q and k heads of a token in one or a few programs.
+        block_h = max(1, min(triton.next_power_of_2(heads_qk), max(1, 2048 // block_half)))
+        warps = 4 if block_h * block_half <= 1024 else 8
+        plan = _Plan(
             qkv.device,
-            buf,
-            q_weight,
-            k_weight,
-            cos,
-            sin,
-            buf.stride(0),
-            cos.stride(0),
-            sin.stride(0),
-            num_heads,
-            heads_qk,
+            (t, triton.cdiv(heads_qk, block_h)),
+            (qkv.stride(0), cos.stride(0), sin.stride(0), num_heads, heads_qk, eps),
+            dict(
+                HEAD_DIM=head_dim,
+                HALF=half,
+                BLOCK_HALF=block_half,
+                BLOCK_H=block_h,
+                num_warps=warps,
+            ),
+            (op, qkv.device, qkv.dtype, head_dim, block_h),
             eps,
-            **meta,
+            ext,
         )
-        rtol, atol = _tol(qkv.dtype)
-        _compare(op + " (q)", q, want_q, 2 * rtol, 2 * atol)
-        _compare(op + " (k)", k, want_k, 2 * rtol, 2 * atol)
-        _compare(op + " (v untouched)", buf[:, q_sz + k_sz :], want_v, 0.0, 0.0)
-
-    _self_check((op, qkv.device, qkv.dtype, head_dim, block_h), qkv.device, check)
-    _launch(
-        op,
-        "_qk_norm_rope_kernel",
-        grid,
-        qkv.device,
-        qkv,
-        q_weight,
-        k_weight,
-        cos,
-        sin,
-        qkv.stride(0),
-        cos.stride(0),
-        sin.stride(0),
-        num_heads,
-        heads_qk,
-        eps,
-        **meta,
+    _qk_norm_rope_run(
+        _remember(key, plan), qkv, q_weight, k_weight, cos, sin, num_heads, num_kv_heads, head_dim
     )
 
+
+# --- silu_and_mul -------------------------------------------------------------------------
 
 _SILU_BLOCK = 1024
 
 
-def _silu_and_mul_impl(x: torch.Tensor, out: torch.Tensor) -> None:
+def _two_key(op: str, x: torch.Tensor, out: torch.Tensor) -> tuple[Any, ...] | None:
+    try:
+        return (
+            op,
+            x.shape, x.stride(), x.dtype, x.device,
+            out.shape, out.stride(), out.dtype, out.device,
+        )  # fmt: skip
+    except Exception:
+        return None
+
+
+def _silu_and_mul_cached(x: torch.Tensor, out: torch.Tensor) -> bool:
+    plan = _lookup(_two_key("silu_and_mul", x, out))
+    if plan is None or not _disjoint(out, plan.ext[0], x, plan.ext[1]):
+        return False
+    _silu_and_mul_run(plan, x, out)
+    return True
+
+
+def _silu_and_mul_run(plan: _Plan, x: torch.Tensor, out: torch.Tensor) -> None:
+    grid = plan.grid
+    if grid is None:
+        return
     op = "silu_and_mul"
+
+    def check() -> None:
+        rows = min(x.shape[0], _CHECK_ROWS)
+        o = out[:rows].clone()
+        _launch(
+            op,
+            "_silu_and_mul_kernel",
+            (rows, grid[1]),
+            x.device,
+            x,
+            o,
+            x.stride(0),
+            o.stride(0),
+            x.shape[1] // 2,
+            **plan.meta,
+        )
+        _compare(op, o, silu_and_mul_ref(x[:rows]), *_tol(x.dtype))
+
+    _self_check(plan.check_key, plan.device, check)
+    _launch(op, "_silu_and_mul_kernel", grid, plan.device, x, out, *plan.args, **plan.meta)
+
+
+def _silu_and_mul_impl(x: torch.Tensor, out: torch.Tensor) -> None:
+    if _silu_and_mul_cached(x, out):
+        return
+    op = "silu_and_mul"
+    key = _two_key(op, x, out)
     _check_device_dtype(op, "x", x)
     _check_2d_rows(op, "x", x)
     _check_2d_rows(op, "out", out)
@@ -909,52 +1325,82 @@ def _silu_and_mul_impl(x: torch.Tensor, out: torch.Tensor) -> None:
     _same(op, "x", x, out=out)
     _check_alias(op, "out", out, "x", x, allow_identical=False)
     t = x.shape[0]
+    ext = (_extent(out), _extent(x))
     if t == 0 or inter == 0:
-        return
-    block = min(_SILU_BLOCK, triton.next_power_of_2(inter))
-    grid = (t, triton.cdiv(inter, block))
-    if grid[1] > 65535:
-        raise ValueError(f"{op}: intermediate size {inter} is too large")
-
-    def check() -> None:
-        rows = min(t, _CHECK_ROWS)
-        o = out[:rows].clone()
-        _launch(
-            op,
-            "_silu_and_mul_kernel",
-            (rows, grid[1]),
+        plan = _Plan(x.device, None, ext=ext)
+    else:
+        block = min(_SILU_BLOCK, triton.next_power_of_2(inter))
+        grid = (t, triton.cdiv(inter, block))
+        if grid[1] > 65535:
+            raise ValueError(f"{op}: intermediate size {inter} is too large")
+        plan = _Plan(
             x.device,
-            x,
-            o,
-            x.stride(0),
-            o.stride(0),
-            inter,
-            BLOCK=block,
-            num_warps=4,
+            grid,
+            (x.stride(0), out.stride(0), inter),
+            dict(BLOCK=block, num_warps=4),
+            (op, x.device, x.dtype, block),
+            ext=ext,
         )
-        _compare(op, o, silu_and_mul_ref(x[:rows]), *_tol(x.dtype))
+    _silu_and_mul_run(_remember(key, plan), x, out)
 
-    _self_check((op, x.device, x.dtype, block), x.device, check)
-    _launch(
-        op,
-        "_silu_and_mul_kernel",
-        grid,
-        x.device,
-        x,
-        out,
-        x.stride(0),
-        out.stride(0),
-        inter,
-        BLOCK=block,
-        num_warps=4,
-    )
 
+# --- fp8_quant_per_token ------------------------------------------------------------------
 
 _QUANT_BLOCK = 2048
 
 
-def _fp8_quant_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+def _three_key(
+    op: str, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor
+) -> tuple[Any, ...] | None:
+    try:
+        return (
+            op,
+            x.shape, x.stride(), x.dtype, x.device,
+            out.shape, out.stride(), out.dtype, out.device,
+            scale.shape, scale.stride(), scale.dtype, scale.device,
+        )  # fmt: skip
+    except Exception:
+        return None
+
+
+def _fp8_quant_cached(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> bool:
+    plan = _lookup(_three_key("fp8_quant_per_token", x, out, scale))
+    if plan is None:
+        return False
+    _fp8_quant_run(plan, x, out, scale)
+    return True
+
+
+def _fp8_quant_run(plan: _Plan, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+    if plan.grid is None:
+        return
     op = "fp8_quant_per_token"
+    meta = plan.meta
+
+    def launch(rows: int, q: torch.Tensor, s: torch.Tensor) -> None:
+        _launch(
+            op, "_fp8_quant_per_token_kernel", (rows,), plan.device,
+            x, q, s, x.stride(0), q.stride(0), x.shape[1], FP8_MIN_AMAX, **meta,
+        )  # fmt: skip
+
+    def check() -> None:
+        rows = min(x.shape[0], _CHECK_ROWS)
+        q, s = out[:rows].clone(), scale[:rows].clone()
+        launch(rows, q, s)
+        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(x[:rows]))
+
+    _self_check(plan.check_key, plan.device, check)
+    _launch(
+        op, "_fp8_quant_per_token_kernel", plan.grid, plan.device,
+        x, out, scale, *plan.args, **meta,
+    )  # fmt: skip
+
+
+def _fp8_quant_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+    if _fp8_quant_cached(x, out, scale):
+        return
+    op = "fp8_quant_per_token"
+    key = _three_key(op, x, out, scale)
     _check_device_dtype(op, "x", x)
     _check_2d_rows(op, "x", x)
     _check_fp8_out(op, x, out, scale)
@@ -962,34 +1408,67 @@ def _fp8_quant_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> 
         raise ValueError(f"{op}: `out` shape {tuple(out.shape)} must equal x's {tuple(x.shape)}")
     t, k = x.shape
     if t == 0:
-        return
-    if k == 0:
-        raise ValueError(f"{op}: `x` has no columns")
-    block = min(_QUANT_BLOCK, triton.next_power_of_2(k))
-    meta = dict(FP8_MAX_=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8)
+        plan = _Plan(x.device, None)
+    else:
+        if k == 0:
+            raise ValueError(f"{op}: `x` has no columns")
+        block = min(_QUANT_BLOCK, triton.next_power_of_2(k))
+        plan = _Plan(
+            x.device,
+            (t,),
+            (x.stride(0), out.stride(0), k, FP8_MIN_AMAX),
+            dict(FP8_MAX_=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8),
+            (op, x.device, x.dtype, block),
+        )
+    _fp8_quant_run(_remember(key, plan), x, out, scale)
 
-    def launch(rows: int, q: torch.Tensor, s: torch.Tensor) -> None:
-        _launch(
-            op, "_fp8_quant_per_token_kernel", (rows,), x.device,
-            x, q, s, x.stride(0), q.stride(0), k, FP8_MIN_AMAX, **meta,
-        )  # fmt: skip
 
-    def check() -> None:
-        rows = min(t, _CHECK_ROWS)
-        q, s = out[:rows].clone(), scale[:rows].clone()
-        launch(rows, q, s)
-        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(x[:rows]))
-
-    _self_check((op, x.device, x.dtype, block), x.device, check)
-    launch(t, out, scale)
-
+# --- silu_and_mul_fp8 ---------------------------------------------------------------------
 
 _MAX_QUANT_ROW = 16384  # widest SiLU-and-mul row quantised in one tile
 
 
+def _silu_and_mul_fp8_cached(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> bool:
+    plan = _lookup(_three_key("silu_and_mul_fp8", x, out, scale))
+    if plan is None:
+        return False
+    _silu_and_mul_fp8_run(plan, x, out, scale)
+    return True
+
+
+def _silu_and_mul_fp8_run(
+    plan: _Plan, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor
+) -> None:
+    if plan.grid is None:
+        return
+    op = "silu_and_mul_fp8"
+    meta = plan.meta
+
+    def launch(rows: int, q: torch.Tensor, s: torch.Tensor) -> None:
+        _launch(
+            op, "_silu_and_mul_quant_kernel", (rows,), plan.device,
+            x, q, s, x.stride(0), q.stride(0), x.shape[1] // 2, FP8_MIN_AMAX, **meta,
+        )  # fmt: skip
+
+    def check() -> None:
+        rows = min(x.shape[0], _CHECK_ROWS)
+        q, s = out[:rows].clone(), scale[:rows].clone()
+        launch(rows, q, s)
+        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(silu_and_mul_ref(x[:rows])))
+
+    _self_check(plan.check_key, plan.device, check)
+    _launch(
+        op, "_silu_and_mul_quant_kernel", plan.grid, plan.device,
+        x, out, scale, *plan.args, **meta,
+    )  # fmt: skip
+
+
 def _silu_and_mul_fp8_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
     """``silu(gate) * up`` rounded to x's dtype, then per-token fp8 (``out``, ``scale``)."""
+    if _silu_and_mul_fp8_cached(x, out, scale):
+        return
     op = "silu_and_mul_fp8"
+    key = _three_key(op, x, out, scale)
     _check_device_dtype(op, "x", x)
     _check_2d_rows(op, "x", x)
     if x.shape[1] % 2:
@@ -1006,26 +1485,19 @@ def _silu_and_mul_fp8_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tens
     if inter > _MAX_QUANT_ROW:
         raise ValueError(f"{op}: intermediate size {inter} exceeds the supported {_MAX_QUANT_ROW}")
     if t == 0:
-        return
-    if inter == 0:
-        raise ValueError(f"{op}: `x` has no columns")
-    block = triton.next_power_of_2(inter)
-    meta = dict(FP8_MAX_=FP8_MAX, BLOCK=block, num_warps=_row_warps(block))
-
-    def launch(rows: int, q: torch.Tensor, s: torch.Tensor) -> None:
-        _launch(
-            op, "_silu_and_mul_quant_kernel", (rows,), x.device,
-            x, q, s, x.stride(0), q.stride(0), inter, FP8_MIN_AMAX, **meta,
-        )  # fmt: skip
-
-    def check() -> None:
-        rows = min(t, _CHECK_ROWS)
-        q, s = out[:rows].clone(), scale[:rows].clone()
-        launch(rows, q, s)
-        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(silu_and_mul_ref(x[:rows])))
-
-    _self_check((op, x.device, x.dtype, block), x.device, check)
-    launch(t, out, scale)
+        plan = _Plan(x.device, None)
+    else:
+        if inter == 0:
+            raise ValueError(f"{op}: `x` has no columns")
+        block = triton.next_power_of_2(inter)
+        plan = _Plan(
+            x.device,
+            (t,),
+            (x.stride(0), out.stride(0), inter, FP8_MIN_AMAX),
+            dict(FP8_MAX_=FP8_MAX, BLOCK=block, num_warps=_row_warps(block)),
+            (op, x.device, x.dtype, block),
+        )
+    _silu_and_mul_fp8_run(_remember(key, plan), x, out, scale)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1083,7 +1555,28 @@ if _LIB is None:
 
 # ----------------------------------------------------------------------------------------
 # Public wrappers
+#
+# In plain eager mode (`_direct`) a wrapper replays a cached plan itself, skipping the torch.ops
+# dispatcher (its boxing costs several microseconds a call). It calls the op whenever there is
+# no plan for the arguments (the op's implementation then runs the full checks and records one),
+# and whenever something may be watching: torch.compile / make_fx / export tracing, a Python
+# dispatch or torch-function mode, functorch transforms, tensor subclasses, or the profiler (so
+# profiles still show the named slipstream:: op).
 # ----------------------------------------------------------------------------------------
+
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # Parameter: no Python dispatch
+
+
+def _direct(*tensors: Any) -> bool:
+    """True for a plain eager call on plain tensors: the conditions of flash attention's
+    direct launch, plus no functorch transform (vmap / grad / functionalize wrap tensors in
+    plain-typed wrappers), with ``nn.Parameter`` (the norm weights) counted as plain."""
+    if not _eager_direct_ok() or torch._C._are_functorch_transforms_active():
+        return False
+    for t in tensors:
+        if type(t) not in _PLAIN_TENSOR_TYPES:
+            return False
+    return True
 
 
 def rmsnorm(
@@ -1103,7 +1596,9 @@ def rmsnorm(
                 f"rmsnorm: `out` shape {tuple(out.shape)} must equal x's {tuple(x.shape)}"
             )
         o2 = _rows_of("rmsnorm", "out", out)
-    torch.ops.slipstream.fused_rmsnorm(x2, weight, float(eps), o2)
+    eps = float(eps)
+    if not (_direct(x2, weight, o2) and _rmsnorm_cached(x2, weight, eps, o2)):
+        torch.ops.slipstream.fused_rmsnorm(x2, weight, eps, o2)
     return o2.view(x.shape)
 
 
@@ -1120,7 +1615,9 @@ def fused_add_rmsnorm(
     writing in place saves two [T, N] allocations per layer. Callers that still need the inputs
     must pass copies.
     """
-    torch.ops.slipstream.fused_add_rmsnorm_(x, residual, weight, float(eps))
+    eps = float(eps)
+    if not (_direct(x, residual, weight) and _fused_add_rmsnorm_cached(x, residual, weight, eps)):
+        torch.ops.slipstream.fused_add_rmsnorm_(x, residual, weight, eps)
     return x, residual
 
 
@@ -1139,17 +1636,12 @@ def qk_norm_rope_(
 
     q and k stay strided views of ``qkv`` afterwards; v's columns are never written.
     """
-    torch.ops.slipstream.qk_norm_rope_(
-        qkv,
-        q_weight,
-        k_weight,
-        cos,
-        sin,
-        int(num_heads),
-        int(num_kv_heads),
-        int(head_dim),
-        float(eps),
-    )
+    args = (int(num_heads), int(num_kv_heads), int(head_dim), float(eps))
+    if not (
+        _direct(qkv, q_weight, k_weight, cos, sin)
+        and _qk_norm_rope_cached(qkv, q_weight, k_weight, cos, sin, *args)
+    ):
+        torch.ops.slipstream.qk_norm_rope_(qkv, q_weight, k_weight, cos, sin, *args)
 
 
 def silu_and_mul(
@@ -1161,7 +1653,8 @@ def silu_and_mul(
         raise ValueError(f"silu_and_mul: `x` must be 2-D [tokens, 2*I], got {tuple(x.shape)}")
     if out is None:
         out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
-    torch.ops.slipstream.fused_silu_and_mul(x, out)
+    if not (_direct(x, out) and _silu_and_mul_cached(x, out)):
+        torch.ops.slipstream.fused_silu_and_mul(x, out)
     return out
 
 
@@ -1177,7 +1670,8 @@ def fp8_quant_per_token(
         out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     if scale is None:
         scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    torch.ops.slipstream.fp8_quant_per_token(x, out, scale)
+    if not (_direct(x, out, scale) and _fp8_quant_cached(x, out, scale)):
+        torch.ops.slipstream.fp8_quant_per_token(x, out, scale)
     return out, scale
 
 
@@ -1197,7 +1691,9 @@ def rmsnorm_fp8(
     if x.dim() != 2:
         raise ValueError(f"rmsnorm_fp8: `x` must be 2-D [tokens, N], got {tuple(x.shape)}")
     out, scale = _fp8_buffers(x.shape[0], x.shape[1], x.device)
-    torch.ops.slipstream.fused_rmsnorm_fp8(x, weight, float(eps), out, scale)
+    eps = float(eps)
+    if not (_direct(x, weight) and _rmsnorm_quant_cached(x, None, weight, eps, out, scale)):
+        torch.ops.slipstream.fused_rmsnorm_fp8(x, weight, eps, out, scale)
     return out, scale
 
 
@@ -1215,7 +1711,11 @@ def fused_add_rmsnorm_fp8(
             f"fused_add_rmsnorm_fp8: `x` must be 2-D [tokens, N], got {tuple(x.shape)}"
         )
     out, scale = _fp8_buffers(x.shape[0], x.shape[1], x.device)
-    torch.ops.slipstream.fused_add_rmsnorm_fp8(x, residual, weight, float(eps), out, scale)
+    eps = float(eps)
+    if not (
+        _direct(x, residual, weight) and _rmsnorm_quant_cached(x, residual, weight, eps, out, scale)
+    ):
+        torch.ops.slipstream.fused_add_rmsnorm_fp8(x, residual, weight, eps, out, scale)
     return out, scale, residual
 
 
@@ -1226,5 +1726,6 @@ def silu_and_mul_fp8(
     if x.dim() != 2:
         raise ValueError(f"silu_and_mul_fp8: `x` must be 2-D [tokens, 2*I], got {tuple(x.shape)}")
     out, scale = _fp8_buffers(x.shape[0], x.shape[1] // 2, x.device)
-    torch.ops.slipstream.fused_silu_and_mul_fp8(x, out, scale)
+    if not (_direct(x) and _silu_and_mul_fp8_cached(x, out, scale)):
+        torch.ops.slipstream.fused_silu_and_mul_fp8(x, out, scale)
     return out, scale
