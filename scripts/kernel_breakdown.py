@@ -88,6 +88,8 @@ def main() -> None:
             continue
         if evt.key.startswith(("aten::", "slipstream::", "cuda", "ProfilerStep")):
             continue  # CPU-side ops carry their children's device time; keep kernels only
+        if evt.key == "Command Buffer Full":
+            continue  # the host waiting for room in the launch queue: not device work
         per_kernel[evt.key] = per_kernel.get(evt.key, 0.0) + t
     total = sum(per_kernel.values())
     cats: dict[str, float] = {}
@@ -104,6 +106,35 @@ def main() -> None:
     top = sorted(per_kernel.items(), key=lambda x: -x[1])[:15]
     for k, t in top:
         print(f"  {t / 1e3:9.2f} ms  {100 * t / total:5.1f}%  [{category(k)}] {k[:110]}")
+    # Idle device time: gaps between consecutive kernels (one stream), by size. Small gaps are
+    # the launch cadence; large ones mean the GPU waited for the host.
+    spans = sorted(
+        (e.time_range.start, e.time_range.end)
+        for e in prof.events()
+        if str(getattr(e, "device_type", "")).endswith("CUDA") and e.time_range.end > 0
+    )
+    buckets = {"<5us": 0.0, "5-50us": 0.0, "50-500us": 0.0, ">=500us": 0.0}
+    counts = dict.fromkeys(buckets, 0)
+    end = spans[0][1] if spans else 0
+    for a, b in spans[1:]:
+        gap = a - end
+        if gap > 0:
+            name = (
+                "<5us"
+                if gap < 5
+                else "5-50us"
+                if gap < 50
+                else "50-500us"
+                if gap < 500
+                else ">=500us"
+            )
+            buckets[name] += gap
+            counts[name] += 1
+        end = max(end, b)
+    first_to_last = (spans[-1][1] - spans[0][0]) / 1e3 if spans else 0.0
+    print(f"device idle between kernels (first kernel to last: {first_to_last:.1f} ms):")
+    for name, t in buckets.items():
+        print(f"  {name:<9} {t / 1e3:8.2f} ms in {counts[name]} gaps")
     # Host side: self CPU time of the ops and Python-level regions (under the profiler, which
     # adds its own overhead per op; compare shares, not absolute values).
     host = sorted(
@@ -125,6 +156,9 @@ def main() -> None:
                     "categories_ms": {c: t / 1e3 for c, t in cats.items()},
                     "top_kernels_ms": [[k, t / 1e3] for k, t in top],
                     "top_host_self_cpu_ms": [[k, t / 1e3, n] for k, t, n in host],
+                    "idle_gaps_ms": {k: v / 1e3 for k, v in buckets.items()},
+                    "idle_gap_counts": counts,
+                    "first_to_last_kernel_ms": first_to_last,
                 },
                 f,
                 indent=2,
