@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from slipstream import Engine
-from slipstream.engine.scheduler import plan_embed_batches
+from slipstream.engine.scheduler import plan_embed_batches, plan_embed_groups
 from slipstream.errors import InputError
 
 
@@ -40,7 +40,15 @@ def test_batches_respect_budget_and_results_keep_input_order(qwen3_engine: Engin
         assert b.cu_seqlens[-1] == b.num_tokens
         # positions restart per sequence; no padding anywhere
         for j, n in enumerate(b.seq_lens):
-            assert b.positions[b.cu_seqlens[j] : b.cu_seqlens[j + 1]] == list(range(n))
+            assert b.positions[b.cu_seqlens[j] : b.cu_seqlens[j + 1]].tolist() == list(range(n))
+            assert (
+                b.token_ids[b.cu_seqlens[j] : b.cu_seqlens[j + 1]].tolist() == seqs[b.item_ids[j]]
+            )
+        assert b.token_ids.dtype == b.positions.dtype == np.int64
+    # an empty forward list, and the same plan from the index groups the Engine packs lazily
+    assert plan_embed_batches([], 64, 512) == []
+    groups = plan_embed_groups(seqs, max_batch_tokens=64, max_batch_size=512)
+    assert [list(b.item_ids) for b in batches] == groups
     # longest first
     firsts = [max(b.seq_lens) for b in batches]
     assert firsts == sorted(firsts, reverse=True)

@@ -126,8 +126,8 @@ def _device_tensors(engine: Any, batch: Any) -> tuple[torch.Tensor, torch.Tensor
     from slipstream.attention.base import AttentionMetadata
 
     dev = engine.config.torch_device
-    ids = torch.tensor(batch.token_ids, dtype=torch.int64).to(dev, non_blocking=True)
-    pos = torch.tensor(batch.positions, dtype=torch.int64).to(dev, non_blocking=True)
+    ids = torch.as_tensor(batch.token_ids, dtype=torch.int64).to(dev, non_blocking=True)
+    pos = torch.as_tensor(batch.positions, dtype=torch.int64).to(dev, non_blocking=True)
     meta = AttentionMetadata.from_seq_lens(batch.seq_lens, engine.model_config.causal, dev)
     return ids, pos, meta
 

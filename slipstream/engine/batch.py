@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import enum
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
+
+import numpy as np
 
 
 class Phase(enum.Enum):
@@ -21,8 +25,8 @@ class Batch:
     """
 
     phase: Phase
-    token_ids: list[int]
-    positions: list[int]
+    token_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
     cu_seqlens: list[int]  # [B+1]
     seq_lens: tuple[int, ...]
     # index of each sequence in the caller's input list (results go back in input order)
@@ -46,12 +50,16 @@ class Batch:
         return max(self.seq_lens)
 
     @classmethod
-    def pack(cls, seqs: list[list[int]], item_ids: list[int], phase: Phase = Phase.EMBED) -> Batch:
-        token_ids: list[int] = []
-        positions: list[int] = []
-        cu = [0]
-        for s in seqs:
-            token_ids.extend(s)
-            positions.extend(range(len(s)))
-            cu.append(cu[-1] + len(s))
-        return cls(phase, token_ids, positions, cu, tuple(len(s) for s in seqs), tuple(item_ids))
+    def pack(
+        cls, seqs: Sequence[Sequence[int]], item_ids: Sequence[int], phase: Phase = Phase.EMBED
+    ) -> Batch:
+        # numpy, not list.extend: ~0.4 ms instead of ~10 ms for a 16k-token forward on a slow
+        # host core, and torch.from_numpy takes the arrays without another conversion.
+        lens = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        cu = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lens, out=cu[1:])
+        total = int(cu[-1])
+        token_ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
+        positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
+        seq_lens = tuple(int(n) for n in lens)
+        return cls(phase, token_ids, positions, cu.tolist(), seq_lens, tuple(item_ids))

@@ -26,7 +26,7 @@ from slipstream.engine.gen_config import (
     GenerationConfig,
 )
 from slipstream.engine.runner import ModelRunner
-from slipstream.engine.scheduler import plan_embed_batches
+from slipstream.engine.scheduler import pack_group, plan_embed_groups
 from slipstream.errors import ConfigError, InputError
 from slipstream.layers.pooler import postprocess
 from slipstream.tokenization import Tokenizer, normalize_inputs, resolve_prompt
@@ -214,13 +214,15 @@ class Engine:
     ) -> np.ndarray:
         """Embed already validated token-id lists; float32 [N, D] in input order."""
         self.check_dimensions(dimensions)
-        batches = plan_embed_batches(seqs, self.config.max_batch_tokens, self.config.max_batch_size)
+        # Plan now, pack each forward just before it runs: packing then overlaps the GPU work
+        # of the forwards already queued instead of delaying the first one.
+        groups = plan_embed_groups(seqs, self.config.max_batch_tokens, self.config.max_batch_size)
         dim = self.hidden_size if dimensions is None else int(dimensions)
         result = np.empty((len(seqs), dim), dtype=np.float32)
         if show_progress is None:
-            show_progress = len(batches) > 1
+            show_progress = len(groups) > 1
         progress = None
-        if show_progress and len(batches) > 1:
+        if show_progress and len(groups) > 1:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=len(seqs), desc="embedding", unit="input")
@@ -247,7 +249,8 @@ class Engine:
                 progress.update(len(ids))
 
         try:
-            for batch in batches:
+            for group in groups:
+                batch = pack_group(seqs, group)
                 pooled = self.runner.embed(batch)
                 pending.append((batch.item_ids, postprocess(pooled, normalize, dimensions)))
                 if len(pending) >= flush_every:

@@ -30,8 +30,8 @@ class ModelRunner:
     def _device_tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
         pin = dev.type == "cuda"
-        ids = torch.tensor(batch.token_ids, dtype=torch.int64)
-        pos = torch.tensor(batch.positions, dtype=torch.int64)
+        ids = torch.from_numpy(batch.token_ids)
+        pos = torch.from_numpy(batch.positions)
         cu = torch.tensor(batch.cu_seqlens, dtype=torch.int32)
         if pin:
             ids, pos, cu = ids.pin_memory(), pos.pin_memory(), cu.pin_memory()
