@@ -139,6 +139,7 @@ def measure_time_breakdown(engine: Any, seqs: list[list[int]]) -> dict[str, Any]
 
     device = engine.config.torch_device
     mode = engine.model_config.pooling.mode
+    pooled_forward = getattr(engine.runner, "pooled_forward", None)
     stages = dict.fromkeys(
         (
             "schedule_pack",
@@ -164,10 +165,14 @@ def measure_time_breakdown(engine: Any, seqs: list[list[int]]) -> dict[str, Any]
             ids, pos, meta = _device_tensors(engine, batch)
             _sync(device)
             t1 = time.perf_counter()
-            hidden = engine.runner.model(ids, pos, meta)
+            if pooled_forward is not None:  # the engine's own forward (last-layer pruning)
+                pooled = pooled_forward(ids, pos, meta, batch.seq_lens)
+            else:
+                pooled = pool(engine.runner.model(ids, pos, meta), meta.cu_seqlens_q,
+                              batch.seq_lens, mode)  # fmt: skip
             _sync(device)
             t2 = time.perf_counter()
-            vecs = postprocess(pool(hidden, meta.cu_seqlens_q, batch.seq_lens, mode), True, None)
+            vecs = postprocess(pooled, True, None)
             _sync(device)
             t3 = time.perf_counter()
             host = vecs.cpu().numpy()

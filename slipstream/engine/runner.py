@@ -54,10 +54,21 @@ class ModelRunner:
         """Pooled, un-normalised float32 vectors [B, hidden] in the batch's order (on device)."""
         assert batch.phase is Phase.EMBED
         ids, pos, meta = self._device_tensors(batch)
+        return self.pooled_forward(ids, pos, meta, batch.seq_lens)
+
+    @torch.inference_mode()
+    def pooled_forward(
+        self,
+        ids: torch.Tensor,
+        pos: torch.Tensor,
+        meta: AttentionMetadata,
+        seq_lens: tuple[int, ...],
+    ) -> torch.Tensor:
+        """The model and the pooling on device tensors: float32 [B, hidden]."""
         mode = self.config.model.pooling.mode
         if mode == "last" and self.config.model.arch == "qwen3":
             # The model returns the last token of each sequence only (the last layer skips
             # the rows that are not pooled).
             return self.model(ids, pos, meta, last_token_only=True).float()
         hidden = self.model(ids, pos, meta)
-        return pool(hidden, meta.cu_seqlens_q, batch.seq_lens, mode)
+        return pool(hidden, meta.cu_seqlens_q, seq_lens, mode)
