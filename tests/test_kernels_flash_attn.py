@@ -404,6 +404,29 @@ def test_profiler_sees_the_op_region() -> None:
 
 
 @needs_interpreter
+def test_vmap_does_not_launch_on_wrapped_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Under a functorch transform the tensors are plain-typed wrappers: the wrapper must go
+    # through the op (which has no batching rule, so vmap refuses it) instead of launching
+    # the kernel on the wrappers.
+    launched: list[int] = []
+    monkeypatch.setattr(fa, "_launch", lambda *a, **k: launched.append(1))
+    lens = [4, 6]
+    q, k, v = make_qkv(lens, lens, 2, 1, 64)
+    cu = cu_from_lens(lens)
+
+    def one(qq: torch.Tensor) -> torch.Tensor:
+        out = torch.empty_like(qq)
+        flash_attn_varlen(qq, k, v, out, cu, cu, 6, 6)
+        return out
+
+    with pytest.raises(RuntimeError):
+        torch.vmap(one)(torch.stack([q, q]))
+    assert launched == []
+    one(q)  # plain eager: the direct launch
+    assert launched == [1]
+
+
+@needs_interpreter
 def test_empty_inputs_are_a_no_op() -> None:
     q = torch.empty(0, 2, 64)
     k = torch.empty(0, 1, 64)

@@ -7,6 +7,28 @@ from typing import Any
 
 import torch
 
+# Parameters do not go through Python dispatch: a norm weight is as plain as a tensor here.
+_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+def eager_direct_ok(*tensors: Any) -> bool:
+    """True for a plain eager call, where a wrapper may launch its kernel directly instead of
+    going through ``torch.ops.slipstream.*``: not compiling, no Python dispatch /
+    torch-function mode active (make_fx, FakeTensorMode, a torch.device(...) context, ...), no
+    functorch transform (vmap / grad / functionalize wrap tensors in plain-typed wrappers), no
+    profiler running (under the profiler the op path shows up as a named ``slipstream::`` region,
+    which copy-attribution tools rely on), and all ``tensors`` plain."""
+    if torch.compiler.is_compiling():
+        return False
+    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
+        return False
+    if torch.autograd.profiler._is_profiler_enabled:
+        return False
+    if torch._C._are_functorch_transforms_active():
+        return False
+    return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
 # (name, schema, implementation, fake implementation)
 OpSpec = tuple[str, str, Callable[..., Any], Callable[..., Any]]
 

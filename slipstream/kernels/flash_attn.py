@@ -45,8 +45,9 @@ CUDA graph. Environment knobs (read per call):
 
 The Python wrapper launches directly in plain eager mode (saves ~10 us of dispatcher boxing
 per call) and goes through ``torch.ops.slipstream.flash_attn_varlen`` whenever something is
-tracing (torch.compile, make_fx, export), a tensor subclass / Python mode is active, or the
-profiler is running (so profiles show the op as a named region).
+tracing (torch.compile, make_fx, export), a tensor subclass / Python mode or a functorch
+transform (vmap, functionalize) is active, or the profiler is running (so profiles show the op
+as a named region); `kernels/_library.eager_direct_ok` decides, for the fused ops too.
 """
 
 from __future__ import annotations
@@ -58,6 +59,8 @@ import types
 from typing import Any
 
 import torch
+
+from slipstream.kernels._library import eager_direct_ok
 
 try:  # Triton is optional at import time: the op is still registered without it.
     import triton
@@ -1080,20 +1083,6 @@ if _LIB is None:
     _LIB = _register_op()
 
 
-def _eager_direct_ok(*tensors: Any) -> bool:
-    """True for a plain eager call: not compiling, no Python dispatch / torch-function mode
-    active (make_fx, FakeTensorMode, torch.device(...) context, ...), all plain tensors, and no
-    profiler running (under the profiler the op path shows up as a named
-    ``slipstream::flash_attn_varlen`` region, which copy-attribution tools rely on)."""
-    if torch.compiler.is_compiling():
-        return False
-    if torch._C._len_torch_dispatch_stack() or torch._C._is_torch_function_mode_enabled():
-        return False
-    if torch.autograd.profiler._is_profiler_enabled:
-        return False
-    return all(type(t) is torch.Tensor for t in tensors)
-
-
 def flash_attn_varlen(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1129,7 +1118,7 @@ def flash_attn_varlen(
     for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(val, bool) or not isinstance(val, (int, torch.SymInt)):
             raise TypeError(f"flash_attn_varlen: `{name}` must be an int, got {type(val)}")
-    if _eager_direct_ok(q, k, v, out, cu_seqlens_q, cu_seqlens_k):
+    if eager_direct_ok(q, k, v, out, cu_seqlens_q, cu_seqlens_k):
         # Plain eager call: launch directly. Going through the dispatcher to a Python kernel
         # costs ~10 us of boxing per call for nothing; the effect is identical (same launch,
         # same version-counter bump the ADInplaceOrView kernel does).

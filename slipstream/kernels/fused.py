@@ -36,8 +36,7 @@ from typing import Any
 
 import torch
 
-from slipstream.kernels._library import register_ops
-from slipstream.kernels.flash_attn import _eager_direct_ok
+from slipstream.kernels._library import eager_direct_ok, register_ops
 
 try:  # Triton is optional at import time; kernels are jit-wrapped on first use.
     import triton
@@ -1564,20 +1563,6 @@ if _LIB is None:
 # profiles still show the named slipstream:: op).
 # ----------------------------------------------------------------------------------------
 
-_PLAIN_TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # Parameter: no Python dispatch
-
-
-def _direct(*tensors: Any) -> bool:
-    """True for a plain eager call on plain tensors: the conditions of flash attention's
-    direct launch, plus no functorch transform (vmap / grad / functionalize wrap tensors in
-    plain-typed wrappers), with ``nn.Parameter`` (the norm weights) counted as plain."""
-    if not _eager_direct_ok() or torch._C._are_functorch_transforms_active():
-        return False
-    for t in tensors:
-        if type(t) not in _PLAIN_TENSOR_TYPES:
-            return False
-    return True
-
 
 def rmsnorm(
     x: torch.Tensor,  # [..., N]
@@ -1597,7 +1582,7 @@ def rmsnorm(
             )
         o2 = _rows_of("rmsnorm", "out", out)
     eps = float(eps)
-    if not (_direct(x2, weight, o2) and _rmsnorm_cached(x2, weight, eps, o2)):
+    if not (eager_direct_ok(x2, weight, o2) and _rmsnorm_cached(x2, weight, eps, o2)):
         torch.ops.slipstream.fused_rmsnorm(x2, weight, eps, o2)
     return o2.view(x.shape)
 
@@ -1616,7 +1601,9 @@ def fused_add_rmsnorm(
     must pass copies.
     """
     eps = float(eps)
-    if not (_direct(x, residual, weight) and _fused_add_rmsnorm_cached(x, residual, weight, eps)):
+    if not (
+        eager_direct_ok(x, residual, weight) and _fused_add_rmsnorm_cached(x, residual, weight, eps)
+    ):
         torch.ops.slipstream.fused_add_rmsnorm_(x, residual, weight, eps)
     return x, residual
 
@@ -1638,7 +1625,7 @@ def qk_norm_rope_(
     """
     args = (int(num_heads), int(num_kv_heads), int(head_dim), float(eps))
     if not (
-        _direct(qkv, q_weight, k_weight, cos, sin)
+        eager_direct_ok(qkv, q_weight, k_weight, cos, sin)
         and _qk_norm_rope_cached(qkv, q_weight, k_weight, cos, sin, *args)
     ):
         torch.ops.slipstream.qk_norm_rope_(qkv, q_weight, k_weight, cos, sin, *args)
@@ -1653,7 +1640,7 @@ def silu_and_mul(
         raise ValueError(f"silu_and_mul: `x` must be 2-D [tokens, 2*I], got {tuple(x.shape)}")
     if out is None:
         out = torch.empty(x.shape[0], x.shape[1] // 2, dtype=x.dtype, device=x.device)
-    if not (_direct(x, out) and _silu_and_mul_cached(x, out)):
+    if not (eager_direct_ok(x, out) and _silu_and_mul_cached(x, out)):
         torch.ops.slipstream.fused_silu_and_mul(x, out)
     return out
 
@@ -1670,7 +1657,7 @@ def fp8_quant_per_token(
         out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     if scale is None:
         scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    if not (_direct(x, out, scale) and _fp8_quant_cached(x, out, scale)):
+    if not (eager_direct_ok(x, out, scale) and _fp8_quant_cached(x, out, scale)):
         torch.ops.slipstream.fp8_quant_per_token(x, out, scale)
     return out, scale
 
@@ -1692,7 +1679,7 @@ def rmsnorm_fp8(
         raise ValueError(f"rmsnorm_fp8: `x` must be 2-D [tokens, N], got {tuple(x.shape)}")
     out, scale = _fp8_buffers(x.shape[0], x.shape[1], x.device)
     eps = float(eps)
-    if not (_direct(x, weight) and _rmsnorm_quant_cached(x, None, weight, eps, out, scale)):
+    if not (eager_direct_ok(x, weight) and _rmsnorm_quant_cached(x, None, weight, eps, out, scale)):
         torch.ops.slipstream.fused_rmsnorm_fp8(x, weight, eps, out, scale)
     return out, scale
 
@@ -1713,7 +1700,8 @@ def fused_add_rmsnorm_fp8(
     out, scale = _fp8_buffers(x.shape[0], x.shape[1], x.device)
     eps = float(eps)
     if not (
-        _direct(x, residual, weight) and _rmsnorm_quant_cached(x, residual, weight, eps, out, scale)
+        eager_direct_ok(x, residual, weight)
+        and _rmsnorm_quant_cached(x, residual, weight, eps, out, scale)
     ):
         torch.ops.slipstream.fused_add_rmsnorm_fp8(x, residual, weight, eps, out, scale)
     return out, scale, residual
@@ -1726,6 +1714,6 @@ def silu_and_mul_fp8(
     if x.dim() != 2:
         raise ValueError(f"silu_and_mul_fp8: `x` must be 2-D [tokens, 2*I], got {tuple(x.shape)}")
     out, scale = _fp8_buffers(x.shape[0], x.shape[1] // 2, x.device)
-    if not (_direct(x) and _silu_and_mul_fp8_cached(x, out, scale)):
+    if not (eager_direct_ok(x) and _silu_and_mul_fp8_cached(x, out, scale)):
         torch.ops.slipstream.fused_silu_and_mul_fp8(x, out, scale)
     return out, scale
