@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from slipstream import Engine
 from slipstream.cli import main
@@ -92,3 +93,42 @@ def test_python_dash_m_is_the_same_cli(tiny_qwen3: Path) -> None:
     )
     assert res.returncode == 0, res.stderr
     assert len(json.loads(res.stdout)["embeddings"][0]) == 64
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["embed", "x"],
+        ["serve"],
+        ["bench", "embed"],
+    ],
+)
+def test_quantization_options_reach_the_engine(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--quantization / --fp8-skip-layers parse on every engine command and engine_from_args
+    hands them to Engine; fp8 on a CPU-only machine is refused with a clear error."""
+    import slipstream
+    from slipstream.cli import build_parser, engine_from_args
+    from slipstream.config import DEFAULT_FP8_SKIP_LAYERS
+
+    full = [*argv, "--quantization", "fp8", "--fp8-skip-layers", "3"]
+    args = build_parser(full).parse_args(full)
+    assert args.quantization == "fp8" and args.fp8_skip_layers == 3
+    default = build_parser(argv).parse_args(argv)
+    assert default.quantization is None and default.fp8_skip_layers == DEFAULT_FP8_SKIP_LAYERS
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(slipstream, "Engine", lambda **kw: seen.update(kw))
+    engine_from_args(args)
+    assert seen["quantization"] == "fp8" and seen["fp8_skip_layers"] == 3
+
+
+def test_fp8_on_cpu_is_a_clear_cli_error(
+    tiny_qwen3: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only behaviour")
+    argv = ["embed", "x", "--model", str(tiny_qwen3), "--device", "cpu", "--quantization", "fp8"]
+    assert main(argv) == 2
+    assert "fp8" in capsys.readouterr().err
