@@ -600,7 +600,21 @@ def test_429_counts_generation_requests(live: LiveServer) -> None:
 
 
 # ---------------------------------------------------------------------------- disconnects
-def test_client_disconnect_mid_stream_aborts_the_request(live: LiveServer) -> None:
+def test_client_disconnect_mid_stream_aborts_the_request(
+    live: LiveServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each decode step takes >= 5 ms here, so the 1900 tokens cannot all be generated before
+    # the client has read its first events, however loaded the machine is (the tiny model
+    # alone can outrun a client starved of CPU).
+    from slipstream.engine.generation import GenerationEngine
+
+    real_step = GenerationEngine.step
+
+    def slow_step(self: GenerationEngine, *a: Any, **k: Any) -> Any:
+        time.sleep(0.005)
+        return real_step(self, *a, **k)
+
+    monkeypatch.setattr(GenerationEngine, "step", slow_step)
     ae = live.ctx.async_engine
     aborted = ae.stats.gen_aborted
     aborts = _metric(live, "slipstream_generation_requests_total", finish_reason="abort")
@@ -616,11 +630,13 @@ def test_client_disconnect_mid_stream_aborts_the_request(live: LiveServer) -> No
         with c.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200
             seen = 0
+            got = []
             for line in r.iter_lines():
+                got.append(line)
                 seen += line.startswith("data: ")
                 if seen == 3:
                     break
-            assert ae.generations == 1  # still generating
+            assert ae.generations == 1, (got, repr(ae.stats))  # still generating
     # the connection is closed: the request is aborted, not run to its 1900 tokens
     _wait_for(lambda: ae.stats.gen_aborted == aborted + 1)
     _wait_for(lambda: ae.generations == 0)
