@@ -61,5 +61,4 @@ class Batch:
         total = int(cu[-1])
         token_ids = np.fromiter(itertools.chain.from_iterable(seqs), dtype=np.int64, count=total)
         positions = np.arange(total, dtype=np.int64) - np.repeat(cu[:-1], lens)
-        seq_lens = tuple(int(n) for n in lens)
-        return cls(phase, token_ids, positions, cu.tolist(), seq_lens, tuple(item_ids))
+        return cls(phase, token_ids, positions, cu.tolist(), tuple(lens.tolist()), tuple(item_ids))

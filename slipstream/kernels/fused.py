@@ -1362,43 +1362,48 @@ def _three_key(
         return None
 
 
-def _fp8_quant_cached(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> bool:
-    plan = _lookup(_three_key("fp8_quant_per_token", x, out, scale))
+# The two row-quantising ops (plain per-token quantisation, SiLU-and-mul + quantisation) share
+# one launch shape: (x, q, scale, x row stride, q row stride, K, min_amax); op -> (kernel, the
+# torch reference of the row values that get quantised).
+_ROW_QUANT_OPS: dict[str, tuple[str, Callable[[torch.Tensor], torch.Tensor]]] = {
+    "fp8_quant_per_token": ("_fp8_quant_per_token_kernel", lambda x: x),
+    "silu_and_mul_fp8": ("_silu_and_mul_quant_kernel", silu_and_mul_ref),
+}
+
+
+def _row_quant_cached(op: str, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> bool:
+    plan = _lookup(_three_key(op, x, out, scale))
     if plan is None:
         return False
-    _fp8_quant_run(plan, x, out, scale)
+    _row_quant_run(op, plan, x, out, scale)
     return True
 
 
-def _fp8_quant_run(plan: _Plan, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
+def _row_quant_run(
+    op: str, plan: _Plan, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor
+) -> None:
     if plan.grid is None:
         return
-    op = "fp8_quant_per_token"
+    kernel, ref = _ROW_QUANT_OPS[op]
     meta = plan.meta
-
-    def launch(rows: int, q: torch.Tensor, s: torch.Tensor) -> None:
-        _launch(
-            op, "_fp8_quant_per_token_kernel", (rows,), plan.device,
-            x, q, s, x.stride(0), q.stride(0), x.shape[1], FP8_MIN_AMAX, **meta,
-        )  # fmt: skip
 
     def check() -> None:
         rows = min(x.shape[0], _CHECK_ROWS)
         q, s = out[:rows].clone(), scale[:rows].clone()
-        launch(rows, q, s)
-        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(x[:rows]))
+        _launch(
+            op, kernel, (rows,), plan.device,
+            x, q, s, x.stride(0), q.stride(0), *plan.args[2:], **meta,
+        )  # fmt: skip
+        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(ref(x[:rows])))
 
     _self_check(plan.check_key, plan.device, check)
-    _launch(
-        op, "_fp8_quant_per_token_kernel", plan.grid, plan.device,
-        x, out, scale, *plan.args, **meta,
-    )  # fmt: skip
+    _launch(op, kernel, plan.grid, plan.device, x, out, scale, *plan.args, **meta)
 
 
 def _fp8_quant_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
-    if _fp8_quant_cached(x, out, scale):
-        return
     op = "fp8_quant_per_token"
+    if _row_quant_cached(op, x, out, scale):
+        return
     key = _three_key(op, x, out, scale)
     _check_device_dtype(op, "x", x)
     _check_2d_rows(op, "x", x)
@@ -1419,7 +1424,7 @@ def _fp8_quant_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> 
             dict(FP8_MAX_=FP8_MAX, BLOCK=block, num_warps=4 if block <= 1024 else 8),
             (op, x.device, x.dtype, block),
         )
-    _fp8_quant_run(_remember(key, plan), x, out, scale)
+    _row_quant_run(op, _remember(key, plan), x, out, scale)
 
 
 # --- silu_and_mul_fp8 ---------------------------------------------------------------------
@@ -1427,46 +1432,11 @@ def _fp8_quant_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> 
 _MAX_QUANT_ROW = 16384  # widest SiLU-and-mul row quantised in one tile
 
 
-def _silu_and_mul_fp8_cached(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> bool:
-    plan = _lookup(_three_key("silu_and_mul_fp8", x, out, scale))
-    if plan is None:
-        return False
-    _silu_and_mul_fp8_run(plan, x, out, scale)
-    return True
-
-
-def _silu_and_mul_fp8_run(
-    plan: _Plan, x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor
-) -> None:
-    if plan.grid is None:
-        return
-    op = "silu_and_mul_fp8"
-    meta = plan.meta
-
-    def launch(rows: int, q: torch.Tensor, s: torch.Tensor) -> None:
-        _launch(
-            op, "_silu_and_mul_quant_kernel", (rows,), plan.device,
-            x, q, s, x.stride(0), q.stride(0), x.shape[1] // 2, FP8_MIN_AMAX, **meta,
-        )  # fmt: skip
-
-    def check() -> None:
-        rows = min(x.shape[0], _CHECK_ROWS)
-        q, s = out[:rows].clone(), scale[:rows].clone()
-        launch(rows, q, s)
-        _compare_fp8(op, q, s, *fp8_quant_per_token_ref(silu_and_mul_ref(x[:rows])))
-
-    _self_check(plan.check_key, plan.device, check)
-    _launch(
-        op, "_silu_and_mul_quant_kernel", plan.grid, plan.device,
-        x, out, scale, *plan.args, **meta,
-    )  # fmt: skip
-
-
 def _silu_and_mul_fp8_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tensor) -> None:
     """``silu(gate) * up`` rounded to x's dtype, then per-token fp8 (``out``, ``scale``)."""
-    if _silu_and_mul_fp8_cached(x, out, scale):
-        return
     op = "silu_and_mul_fp8"
+    if _row_quant_cached(op, x, out, scale):
+        return
     key = _three_key(op, x, out, scale)
     _check_device_dtype(op, "x", x)
     _check_2d_rows(op, "x", x)
@@ -1496,7 +1466,7 @@ def _silu_and_mul_fp8_impl(x: torch.Tensor, out: torch.Tensor, scale: torch.Tens
             dict(FP8_MAX_=FP8_MAX, BLOCK=block, num_warps=_row_warps(block)),
             (op, x.device, x.dtype, block),
         )
-    _silu_and_mul_fp8_run(_remember(key, plan), x, out, scale)
+    _row_quant_run(op, _remember(key, plan), x, out, scale)
 
 
 # ----------------------------------------------------------------------------------------
@@ -1555,7 +1525,7 @@ if _LIB is None:
 # ----------------------------------------------------------------------------------------
 # Public wrappers
 #
-# In plain eager mode (`_direct`) a wrapper replays a cached plan itself, skipping the torch.ops
+# In plain eager mode (`_library.eager_direct_ok`) a wrapper replays a cached plan itself, skipping the torch.ops
 # dispatcher (its boxing costs several microseconds a call). It calls the op whenever there is
 # no plan for the arguments (the op's implementation then runs the full checks and records one),
 # and whenever something may be watching: torch.compile / make_fx / export tracing, a Python
@@ -1657,7 +1627,9 @@ def fp8_quant_per_token(
         out = torch.empty(x.shape, dtype=torch.float8_e4m3fn, device=x.device)
     if scale is None:
         scale = torch.empty(x.shape[0], 1, dtype=torch.float32, device=x.device)
-    if not (eager_direct_ok(x, out, scale) and _fp8_quant_cached(x, out, scale)):
+    if not (
+        eager_direct_ok(x, out, scale) and _row_quant_cached("fp8_quant_per_token", x, out, scale)
+    ):
         torch.ops.slipstream.fp8_quant_per_token(x, out, scale)
     return out, scale
 
@@ -1714,6 +1686,6 @@ def silu_and_mul_fp8(
     if x.dim() != 2:
         raise ValueError(f"silu_and_mul_fp8: `x` must be 2-D [tokens, 2*I], got {tuple(x.shape)}")
     out, scale = _fp8_buffers(x.shape[0], x.shape[1] // 2, x.device)
-    if not (eager_direct_ok(x) and _silu_and_mul_fp8_cached(x, out, scale)):
+    if not (eager_direct_ok(x) and _row_quant_cached("silu_and_mul_fp8", x, out, scale)):
         torch.ops.slipstream.fused_silu_and_mul_fp8(x, out, scale)
     return out, scale
