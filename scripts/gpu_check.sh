@@ -2,7 +2,7 @@
 # Every GPU test and benchmark in one call (the GPU lease is short and each start costs
 # minutes). Usage: bash scripts/gpu_check.sh [stage ...]
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
-#           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws
+#           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -89,6 +89,14 @@ for stage in $STAGES; do
     log "kernel breakdown $tag"
     $PY scripts/kernel_breakdown.py --model "$CK/qwen3-0.6b" $wl $q \
       --json "$RES/kernel_breakdown_$tag.json" 2>&1 | tee "$RES/kernel_breakdown_$tag.log"
+    ;;
+  timeline|timeline-fp8)
+    need_ckpt || continue
+    q=""; tag=mixed_bf16
+    if [ "$stage" = timeline-fp8 ]; then q="--quantization fp8"; tag=mixed_fp8; fi
+    log "per-forward host/device timeline $tag"
+    $PY scripts/embed_timeline.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 $q \
+      --json "$RES/embed_timeline_$tag.json" 2>&1 | tee "$RES/embed_timeline_$tag.log"
     ;;
   attn-ws)
     sw=SLIPSTREAM_FLASH_WS
