@@ -5,7 +5,8 @@
 
 Variants: leading layers kept in bf16 (`fp8_skip_layers`), fast accumulation in the fp8 GEMM
 (SLIPSTREAM_FP8_FAST_ACCUM), the fused norm/activation quantisation hand-over (`takes_fp8_rows`)
-on or off, and 65,536-token forwards. The bf16 engine runs first and gives the reference
+on or off, 65,536-token forwards, and q's norm + rotary in the attention kernel
+(SLIPSTREAM_FLASH_QROPE, on by default) or in the separate qk kernel. The bf16 engine runs first and gives the reference
 vectors; each engine is freed before the next is built.
 """
 
@@ -36,6 +37,10 @@ VARIANTS = [
     ("fp8 skip2 65k", {"quantization": "fp8", "fp8_skip_layers": 2, "max_batch_tokens": 65536},
      {}, True),
     ("bf16 65k", {"max_batch_tokens": 65536}, {}, True),
+    # q norm + rotary in the attention kernel's Q load (default) vs in the qk kernel
+    ("bf16 no-qrope", {}, {"SLIPSTREAM_FLASH_QROPE": "0"}, True),
+    ("fp8 skip2 no-qrope", {"quantization": "fp8", "fp8_skip_layers": 2},
+     {"SLIPSTREAM_FLASH_QROPE": "0"}, True),
 ]  # fmt: skip
 
 

@@ -3,6 +3,7 @@
 # minutes). Usage: bash scripts/gpu_check.sh [stage ...]
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
+#           host-profile host-profile-fp8 qrope-ab tests-attn
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -97,6 +98,27 @@ for stage in $STAGES; do
     log "per-forward host/device timeline $tag"
     $PY scripts/embed_timeline.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 $q \
       --json "$RES/embed_timeline_$tag.json" 2>&1 | tee "$RES/embed_timeline_$tag.log"
+    ;;
+  host-profile|host-profile-fp8)
+    need_ckpt || continue
+    q=""; tag=bf16
+    if [ "$stage" = host-profile-fp8 ]; then q="--quantization fp8"; tag=fp8; fi
+    log "host cProfile, short workload, $tag"
+    $PY scripts/host_profile.py --model "$CK/qwen3-0.6b" --workload short --items 4000 $q \
+      --out "$RES/host_profile_short_$tag.txt" > /dev/null 2>&1
+    head -c 9000 "$RES/host_profile_short_$tag.txt"
+    ;;
+  qrope-ab)
+    need_ckpt || continue
+    log "A/B: q norm + rotary in the attention kernel vs the qk kernel (one process)"
+    $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 \
+      --only "bf16 no-qrope,fp8 skip2,fp8 skip2 no-qrope" --json "$RES/qrope_ab_mixed.json" \
+      2>&1 | tee "$RES/qrope_ab_mixed.log"
+    ;;
+  tests-attn)
+    log "pytest -m gpu, attention and fused kernels only"
+    $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_flash_q_rope.py \
+      tests/test_kernels_flash_attn.py tests/test_kernels_fused.py 2>&1 | tee "$RES/pytest_gpu_attn.log"
     ;;
   attn-ws)
     sw=SLIPSTREAM_FLASH_WS

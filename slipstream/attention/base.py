@@ -53,6 +53,18 @@ class AttentionMetadata:
         return cls(cu_t, cu_t, mx, mx, lens, lens, causal)
 
 
+@dataclass(frozen=True, slots=True)
+class QNormRope:
+    """q's per-head RMSNorm and NeoX rotary, still to be applied: a backend that says
+    ``fuses_q_norm_rope(meta)`` receives the raw q and does both as it loads the query tiles
+    (q is then read once, never written back)."""
+
+    weight: torch.Tensor  # [D] RMSNorm weight
+    cos: torch.Tensor  # [T_q, D] float32
+    sin: torch.Tensor  # [T_q, D] float32
+    eps: float
+
+
 class AttentionBackend(ABC):
     """One instance per attention layer: it knows the head layout and softmax scale."""
 
@@ -76,6 +88,11 @@ class AttentionBackend(ABC):
         # layer and the backend picks its own.
         self.layer_id = layer_id
 
+    def fuses_q_norm_rope(self, meta: AttentionMetadata) -> bool:
+        """Whether ``forward(..., q_norm_rope=...)`` is accepted for this metadata. A backend
+        that says no is handed q already normalised and rotated."""
+        return False
+
     @abstractmethod
     def forward(
         self,
@@ -84,5 +101,8 @@ class AttentionBackend(ABC):
         v: torch.Tensor,  # [T_k, Hkv, D]
         out: torch.Tensor,  # [T_q, Hq, D], filled in place
         meta: AttentionMetadata,
+        q_norm_rope: QNormRope | None = None,
     ) -> None:
-        """Fill ``out`` with attention of q over k/v for every packed sequence."""
+        """Fill ``out`` with attention of q over k/v for every packed sequence. With
+        ``q_norm_rope`` (only when ``fuses_q_norm_rope(meta)``), q is raw and the backend
+        applies the norm and rotary to it first."""

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import os
 from typing import ClassVar
 
 import torch
 
-from slipstream.attention.base import AttentionBackend, AttentionMetadata
+from slipstream.attention.base import AttentionBackend, AttentionMetadata, QNormRope
 from slipstream.attention.paged import PagedAttentionMetadata
 from slipstream.kernels.flash_attn import flash_attn_varlen
 from slipstream.kernels.paged_attn import paged_decode_attn, paged_prefill_attn, paged_store_kv
@@ -16,6 +17,18 @@ class FlashAttentionBackend(AttentionBackend):
     name: ClassVar[str] = "flash"
     writes_in_place: ClassVar[bool] = True
 
+    def __init__(
+        self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float, layer_id: int = 0
+    ) -> None:
+        super().__init__(num_heads, num_kv_heads, head_dim, scale, layer_id)
+        # The varlen kernel can apply q's norm + rotary as it loads each Q tile;
+        # SLIPSTREAM_FLASH_QROPE=0 turns that off (A/B), read once per backend instance.
+        self._q_rope = os.environ.get("SLIPSTREAM_FLASH_QROPE", "1") != "0"
+
+    def fuses_q_norm_rope(self, meta: AttentionMetadata) -> bool:
+        # Packed (embedding) attention only; the paged generation paths take q ready-made.
+        return self._q_rope and not isinstance(meta, PagedAttentionMetadata)
+
     def forward(
         self,
         q: torch.Tensor,  # [T_q, Hq, D] (strided view of the qkv projection is fine)
@@ -23,10 +36,14 @@ class FlashAttentionBackend(AttentionBackend):
         v: torch.Tensor,  # [T_k, Hkv, D]
         out: torch.Tensor,  # [T_q, Hq, D], the only place the result is written
         meta: AttentionMetadata,
+        q_norm_rope: QNormRope | None = None,
     ) -> None:
         if isinstance(meta, PagedAttentionMetadata):  # generation: PREFILL / DECODE
+            if q_norm_rope is not None:
+                raise ValueError("flash backend: the paged paths take q already rotated")
             self._forward_paged(q, k, v, out, meta)
             return
+        rope = q_norm_rope
         flash_attn_varlen(
             q,
             k,
@@ -38,6 +55,10 @@ class FlashAttentionBackend(AttentionBackend):
             meta.max_seqlen_k,
             causal=meta.causal,
             softmax_scale=self.scale,
+            q_norm_weight=None if rope is None else rope.weight,
+            cos=None if rope is None else rope.cos,
+            sin=None if rope is None else rope.sin,
+            q_norm_eps=1e-6 if rope is None else rope.eps,
         )
 
     def _forward_paged(

@@ -12,7 +12,7 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 
-from slipstream.attention.base import AttentionBackend, AttentionMetadata
+from slipstream.attention.base import AttentionBackend, AttentionMetadata, QNormRope
 from slipstream.attention.paged import (
     PagedAttentionMetadata,
     paged_decode_torch,
@@ -32,7 +32,10 @@ class TorchAttentionBackend(AttentionBackend):
         v: torch.Tensor,  # [T_k, Hkv, D]
         out: torch.Tensor,  # [T_q, Hq, D]
         meta: AttentionMetadata,
+        q_norm_rope: QNormRope | None = None,
     ) -> None:
+        if q_norm_rope is not None:
+            raise ValueError("the torch backend does not fuse q's norm and rotary")
         if isinstance(meta, PagedAttentionMetadata):  # generation: PREFILL / DECODE
             self._forward_paged(q, k, v, out, meta)
             return

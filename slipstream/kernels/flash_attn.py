@@ -85,7 +85,8 @@ _OP_QUALNAME = "slipstream::flash_attn_varlen"
 _OP_SCHEMA = (
     "flash_attn_varlen(Tensor q, Tensor k, Tensor v, Tensor(a!) out, Tensor cu_seqlens_q, "
     "Tensor cu_seqlens_k, SymInt max_seqlen_q, SymInt max_seqlen_k, bool causal=True, "
-    "float? softmax_scale=None) -> ()"
+    "float? softmax_scale=None, Tensor? q_norm_weight=None, Tensor? cos=None, Tensor? sin=None, "
+    "float q_norm_eps=1e-06) -> ()"
 )
 
 
@@ -172,6 +173,42 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
+def _load_q_norm_rope(
+    row_ptrs,  # [BLOCK_M] pointers to element 0 of each row's query head
+    cos_rows,  # [BLOCK_M] pointers to each row's cos row ([D] float32)
+    sin_rows,  # [BLOCK_M] pointers to each row's sin row
+    row_ok,  # [BLOCK_M, 1]
+    QW,  # [D] q_norm weight
+    q_eps,
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+):
+    # The Q tile with Qwen3's per-head q RMSNorm and NeoX rotary applied on the way in, so the
+    # query never makes a round trip through memory between the qkv projection and attention.
+    # Same float32 math and the same rounding to the input dtype after every step as
+    # kernels/fused.py's `_qk_norm_rope_kernel` (and the unfused torch expressions), so the
+    # tile holds exactly the values that kernel would have stored.
+    dt = row_ptrs.dtype.element_ty
+    d = tl.arange(0, HEAD_DIM // 2)
+    d2 = d + HEAD_DIM // 2
+    x1 = tl.load(row_ptrs[:, None] + d[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    x2 = tl.load(row_ptrs[:, None] + d2[None, :], mask=row_ok, other=0.0).to(tl.float32)
+    var = (tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / HEAD_DIM
+    rstd = tl.rsqrt(var + q_eps)[:, None]
+    w1 = tl.load(QW + d).to(tl.float32)[None, :]
+    w2 = tl.load(QW + d2).to(tl.float32)[None, :]
+    n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+    n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+    c1 = tl.load(cos_rows[:, None] + d[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
+    c2 = tl.load(cos_rows[:, None] + d2[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
+    s1 = tl.load(sin_rows[:, None] + d[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
+    s2 = tl.load(sin_rows[:, None] + d2[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
+    o1 = ((n1 * c1).to(dt).to(tl.float32) + (-(n2 * s1)).to(dt).to(tl.float32)).to(dt)
+    o2 = ((n2 * c2).to(dt).to(tl.float32) + (n1 * s2).to(dt).to(tl.float32)).to(dt)
+    # [BLOCK_M, D/2, 2] -> [BLOCK_M, 2, D/2] -> [BLOCK_M, D]: the two halves side by side.
+    return tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), (BLOCK_M, HEAD_DIM))
+
+
 def _flash_attn_varlen_fwd_kernel(
     Q,  # [T_q, Hq, D]
     K,  # [T_k, Hkv, D]
@@ -191,6 +228,12 @@ def _flash_attn_varlen_fwd_kernel(
     batch,  # B
     num_heads_q,  # Hq
     group_size,  # Hq // Hkv (runtime: a constexpr would recompile every config per GQA ratio)
+    QW,  # [D] q_norm weight (Q_ROPE only)
+    COS,  # [T_q, D] float32 (Q_ROPE only)
+    SIN,  # [T_q, D] float32 (Q_ROPE only)
+    stride_cos,
+    stride_sin,
+    q_eps,
     SEQ_BUCKET_Q,  # not used in the body: autotune key only
     SEQ_BUCKET_K,  # not used in the body: autotune key only
     HEAD_DIM: tl.constexpr,
@@ -198,6 +241,7 @@ def _flash_attn_varlen_fwd_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
+    Q_ROPE: tl.constexpr = False,  # q RMSNorm + rotary applied while loading the Q tile
 ):
     # 1-D grid of num_heads_q * NV programs over "virtual" query blocks. Sequence b owns the
     # virtual blocks [cu_q[b] // BLOCK_M + b, cu_q[b+1] // BLOCK_M + b + 1): at least
@@ -244,7 +288,14 @@ def _flash_attn_varlen_fwd_kernel(
     v_base = V + k_start.to(tl.int64) * stride_vt + kv_head * stride_vh
     o_base = Out + q_start.to(tl.int64) * stride_ot + head * stride_oh
 
-    q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok, other=0.0)
+    if Q_ROPE:
+        cs_row = q_start.to(tl.int64) + offs_m
+        q = _load_q_norm_rope(
+            q_base + offs_m * stride_qt, COS + cs_row * stride_cos, SIN + cs_row * stride_sin,
+            row_ok, QW, q_eps, BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM,
+        )  # fmt: skip
+    else:
+        q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok, other=0.0)
     k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]
     v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
 
@@ -301,6 +352,12 @@ def _flash_attn_varlen_fwd_packed_kernel(
     batch,  # B
     num_heads_q,  # Hq
     group_size,  # Hq // Hkv
+    QW,  # [D] q_norm weight (Q_ROPE only)
+    COS,  # [T_q, D] float32 (Q_ROPE only)
+    SIN,  # [T_q, D] float32 (Q_ROPE only)
+    stride_cos,
+    stride_sin,
+    q_eps,
     SEQ_BUCKET_Q,  # not used in the body: autotune key only
     SEQ_BUCKET_K,  # not used in the body: autotune key only
     HEAD_DIM: tl.constexpr,
@@ -309,6 +366,7 @@ def _flash_attn_varlen_fwd_packed_kernel(
     BLOCK_N: tl.constexpr,
     PACK: tl.constexpr,  # query heads (sharing one kv head) stacked into one Q tile
     WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
+    Q_ROPE: tl.constexpr = False,  # q RMSNorm + rotary applied while loading the Q tile
 ):
     # Variant "gqa_pack": like the base kernel, but one program owns PACK query heads that read
     # the same kv head (PACK divides group_size). Their rows are stacked into one Q tile,
@@ -357,7 +415,14 @@ def _flash_attn_varlen_fwd_packed_kernel(
     o_base = Out + q_start.to(tl.int64) * stride_ot + head0 * stride_oh
 
     q_rows = pos_m * stride_qt + head_r * stride_qh
-    q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=row_ok, other=0.0)
+    if Q_ROPE:
+        cs_row = q_start.to(tl.int64) + pos_m
+        q = _load_q_norm_rope(
+            q_base + q_rows, COS + cs_row * stride_cos, SIN + cs_row * stride_sin,
+            row_ok, QW, q_eps, BLOCK_M=BLOCK_M, HEAD_DIM=HEAD_DIM,
+        )  # fmt: skip
+    else:
+        q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=row_ok, other=0.0)
     k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]
     v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
 
@@ -519,8 +584,9 @@ def _build_kernels() -> Any:
     # The main kernel resolves `_attn_fwd_inner` through this module's globals at compile
     # time, so the jitted helper must be installed under that name before the first launch.
     # (Under TRITON_INTERPRET=1 triton.jit returns an InterpretedFunction instead.)
-    if isinstance(g["_attn_fwd_inner"], types.FunctionType):
-        g["_attn_fwd_inner"] = triton.jit(g["_attn_fwd_inner"])
+    for helper in ("_attn_fwd_inner", "_load_q_norm_rope"):
+        if isinstance(g[helper], types.FunctionType):
+            g[helper] = triton.jit(g[helper])
     if isinstance(g["_flash_attn_varlen_fwd_kernel"], types.FunctionType):
         # No value specialisation (==1, %16) for these scalars: it would compile every config
         # again for batch == 1 vs > 1, 16 heads vs 12, ... for no measurable gain.
@@ -584,7 +650,7 @@ def _autotuned_kernel(head_dim: int, variant: str = "base") -> Any:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in _variant_configs(variant, head_dim)
     ]
-    key = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET_Q", "SEQ_BUCKET_K"]
+    key = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET_Q", "SEQ_BUCKET_K", "Q_ROPE"]
     if variant == "gqa_pack":
         key.append("PACK")
     # The base variant keeps exactly its historical tuning (no pruning).
@@ -858,6 +924,66 @@ def _check_runtime(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch
             )
 
 
+def _check_q_norm_rope(
+    q: torch.Tensor,
+    out: torch.Tensor,
+    q_norm_weight: torch.Tensor | None,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    q_norm_eps: float,
+) -> bool:
+    """Validate the optional q RMSNorm + rotary prologue; True when it is requested."""
+    given = [t is not None for t in (q_norm_weight, cos, sin)]
+    if not any(given):
+        return False
+    if not all(given):
+        raise ValueError(
+            "flash_attn_varlen: `q_norm_weight`, `cos` and `sin` go together (the q RMSNorm + "
+            "rotary prologue needs all three)"
+        )
+    assert q_norm_weight is not None and cos is not None and sin is not None
+    t, d = q.shape[0], q.shape[2]
+    if not isinstance(q_norm_weight, torch.Tensor):
+        raise TypeError("flash_attn_varlen: `q_norm_weight` must be a torch.Tensor")
+    if q_norm_weight.dim() != 1 or q_norm_weight.shape[0] != d:
+        raise ValueError(
+            f"flash_attn_varlen: `q_norm_weight` must have shape ({d},) [head_dim], got "
+            f"{tuple(q_norm_weight.shape)}"
+        )
+    for name, x in (("q_norm_weight", q_norm_weight), ("cos", cos), ("sin", sin)):
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"flash_attn_varlen: `{name}` must be a floating-point tensor")
+        if x.device != q.device:
+            raise ValueError(f"flash_attn_varlen: `{name}` is on {x.device} but `q` on {q.device}")
+        if x.shape[-1] > 1 and x.stride(-1) != 1:
+            raise ValueError(f"flash_attn_varlen: last dim of `{name}` must have stride 1")
+    for name, x in (("cos", cos), ("sin", sin)):
+        if x.dim() != 2 or tuple(x.shape) != (t, d):
+            raise ValueError(
+                f"flash_attn_varlen: `{name}` must have shape ({t}, {d}) [query tokens, head_dim], "
+                f"got {tuple(x.shape)}"
+            )
+    eps = float(q_norm_eps)
+    if not (math.isfinite(eps) and eps > 0.0):
+        raise ValueError(
+            f"flash_attn_varlen: `q_norm_eps` must be finite and > 0, got {q_norm_eps}"
+        )
+    return True
+
+
+def _check_q_rope_overlap(out: torch.Tensor, *inputs: tuple[str, torch.Tensor]) -> None:
+    """Real tensors only: `out` must not share bytes with what the q prologue reads."""
+    for name, x in inputs:
+        same = x.untyped_storage().data_ptr() == out.untyped_storage().data_ptr()
+        if same and out.numel() and x.numel():
+            (a0, a1), (b0, b1) = _byte_span(out), _byte_span(x)
+            if a0 < b1 and b0 < a1:
+                raise ValueError(
+                    f"flash_attn_varlen: `out` overlaps the memory of `{name}`, which the "
+                    f"kernel reads"
+                )
+
+
 def _check_cu_seqlens_values(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -911,11 +1037,18 @@ def _launch(
     max_seqlen_k: int,
     causal: bool,
     softmax_scale: float | None,
+    q_norm_weight: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    q_norm_eps: float = 1e-6,
     *,
     config: tuple[int, ...] | None = None,
     variant: str | None = None,
 ) -> None:
     """Check, then launch the kernel writing into `out`.
+
+    With `q_norm_weight`, `cos` and `sin`, q is read raw (straight from the qkv projection) and
+    the kernel applies the per-head q RMSNorm and NeoX rotary to each Q tile as it loads it.
 
     `config` = (BLOCK_M, BLOCK_N[, num_warps, num_stages]) bypasses autotuning (tests, and the
     interpreter, which always uses a small fixed config). `variant` (one of VARIANTS) overrides
@@ -931,6 +1064,9 @@ def _launch(
     if q.device.type not in ("cpu", "cuda"):
         raise ValueError(f"flash_attn_varlen: unsupported device {q.device}")
     _check_runtime(q, k, v, out)
+    q_rope = _check_q_norm_rope(q, out, q_norm_weight, cos, sin, q_norm_eps)
+    if q_rope:
+        _check_q_rope_overlap(out, ("q_norm_weight", q_norm_weight), ("cos", cos), ("sin", sin))
     if q.device.type == "cpu" or _debug_mode():
         _check_cu_seqlens_values(q, k, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
     if q.device.type == "cpu" and not _interpret_mode():
@@ -949,9 +1085,14 @@ def _launch(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         v.stride(0), v.stride(1), out.stride(0), out.stride(1),
-        batch, hq, hq // hkv, _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k),
+        batch, hq, hq // hkv,
+        *(
+            (q_norm_weight, cos, sin, cos.stride(0), sin.stride(0), float(q_norm_eps))
+            if q_rope else (q, q, q, 0, 0, 0.0)  # placeholders the kernel never reads
+        ),
+        _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k),
     )  # fmt: skip
-    meta = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal)}
+    meta = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal), "Q_ROPE": q_rope}
     if os.environ.get("SLIPSTREAM_FLASH_WS", "0") == "1" and not _interpret_mode():
         meta["WS"] = True
 
@@ -1020,10 +1161,14 @@ def _op_impl(
     max_seqlen_k: int,
     causal: bool = True,
     softmax_scale: float | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    q_norm_eps: float = 1e-6,
 ) -> None:
     _launch(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, causal,
-        softmax_scale,
+        softmax_scale, q_norm_weight, cos, sin, q_norm_eps,
     )  # fmt: skip
 
 
@@ -1038,11 +1183,16 @@ def _op_fake(
     max_seqlen_k: int,
     causal: bool = True,
     softmax_scale: float | None = None,
+    q_norm_weight: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    q_norm_eps: float = 1e-6,
 ) -> None:
     # Metadata checks only; allocates nothing and returns nothing: `out` is mutated in place.
     _check_static(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
     )
+    _check_q_norm_rope(q, out, q_norm_weight, cos, sin, q_norm_eps)
 
 
 def _op_registered() -> bool:
@@ -1095,6 +1245,10 @@ def flash_attn_varlen(
     causal: bool = True,
     softmax_scale: float | None = None,
     *,
+    q_norm_weight: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    q_norm_eps: float = 1e-6,
     check: bool | None = None,
 ) -> None:
     """Packed variable-length attention, written in place into ``out``.
@@ -1107,6 +1261,11 @@ def flash_attn_varlen(
         max_seqlen_q, max_seqlen_k: upper bounds of the per-sequence lengths (host ints).
         causal: bottom-right aligned causal mask (see module docstring).
         softmax_scale: defaults to ``1/sqrt(D)``.
+        q_norm_weight, cos, sin, q_norm_eps: the q prologue (all three tensors or none).
+            ``q`` is then the raw projection output and each Q tile gets Qwen3's per-head
+            RMSNorm (``q_norm_weight`` [D], ``q_norm_eps``) and NeoX rotary (``cos``/``sin``
+            [T_q, D], float32 from RotaryEmbedding.cos_sin) as it is loaded, with the same
+            rounding as ``fused.qk_norm_rope_``; ``q`` itself is not written.
         check: also validate the *values* of cu_seqlens (a GPU sync). Default: on for CPU
             tensors (always checked there) or when ``SLIPSTREAM_DEBUG=1``.
     """
@@ -1118,13 +1277,16 @@ def flash_attn_varlen(
     for name, val in (("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
         if isinstance(val, bool) or not isinstance(val, (int, torch.SymInt)):
             raise TypeError(f"flash_attn_varlen: `{name}` must be an int, got {type(val)}")
-    if eager_direct_ok(q, k, v, out, cu_seqlens_q, cu_seqlens_k):
+    rope = (q_norm_weight, cos, sin)
+    if eager_direct_ok(q, k, v, out, cu_seqlens_q, cu_seqlens_k) and all(
+        t is None or eager_direct_ok(t) for t in rope
+    ):
         # Plain eager call: launch directly. Going through the dispatcher to a Python kernel
         # costs ~10 us of boxing per call for nothing; the effect is identical (same launch,
         # same version-counter bump the ADInplaceOrView kernel does).
         _launch(
             q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
-            None if softmax_scale is None else float(softmax_scale),
+            None if softmax_scale is None else float(softmax_scale), *rope, float(q_norm_eps),
         )  # fmt: skip
         if not torch.is_inference_mode_enabled():
             torch.autograd.graph.increment_version(out)
@@ -1133,5 +1295,5 @@ def flash_attn_varlen(
     # the call is recorded as a mutation of `out`.
     torch.ops.slipstream.flash_attn_varlen(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, bool(causal),
-        None if softmax_scale is None else float(softmax_scale),
+        None if softmax_scale is None else float(softmax_scale), *rope, float(q_norm_eps),
     )  # fmt: skip

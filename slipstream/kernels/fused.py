@@ -1156,7 +1156,8 @@ def _qk_norm_rope_run(
             **meta,
         )
         rtol, atol = _tol(qkv.dtype)
-        _compare(op + " (q)", q, want_q, 2 * rtol, 2 * atol)
+        if num_heads:
+            _compare(op + " (q)", q, want_q, 2 * rtol, 2 * atol)
         _compare(op + " (k)", k, want_k, 2 * rtol, 2 * atol)
         _compare(op + " (v untouched)", buf[:, q_sz + k_sz :], want_v, 0.0, 0.0)
 
@@ -1188,11 +1189,9 @@ def _qk_norm_rope_impl(
     )
     _check_device_dtype(op, "qkv", qkv)
     _check_2d_rows(op, "qkv", qkv)
-    for name, val in (
-        ("num_heads", num_heads),
-        ("num_kv_heads", num_kv_heads),
-        ("head_dim", head_dim),
-    ):
+    if isinstance(num_heads, bool) or not isinstance(num_heads, int) or num_heads < 0:
+        raise ValueError(f"{op}: `num_heads` must be an int >= 0 (0: k only), got {num_heads!r}")
+    for name, val in (("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         if isinstance(val, bool) or not isinstance(val, int) or val <= 0:
             raise ValueError(f"{op}: `{name}` must be a positive int, got {val!r}")
     if head_dim % 2 or head_dim > _MAX_HEAD_DIM:
@@ -1591,7 +1590,9 @@ def qk_norm_rope_(
 ) -> None:
     """Per-head RMSNorm of q and k followed by NeoX rotary, written in place into ``qkv``.
 
-    q and k stay strided views of ``qkv`` afterwards; v's columns are never written.
+    q and k stay strided views of ``qkv`` afterwards; v's columns are never written. With
+    ``num_heads=0`` and ``qkv`` the k|v columns only, k alone is done (when the attention kernel
+    applies q's norm and rotary itself: ``flash_attn_varlen(..., q_norm_weight=...)``).
     """
     args = (int(num_heads), int(num_kv_heads), int(head_dim), float(eps))
     if not (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slipstream.attention.base import AttentionBackend, AttentionMetadata
+from slipstream.attention.base import AttentionBackend, AttentionMetadata, QNormRope
 
 
 class AttentionOutputError(AssertionError):
@@ -27,6 +27,7 @@ class Attention(nn.Module):
         k: torch.Tensor,  # [T, Hkv, D]
         v: torch.Tensor,  # [T, Hkv, D]
         meta: AttentionMetadata,
+        q_norm_rope: QNormRope | None = None,  # only if backend.fuses_q_norm_rope(meta)
     ) -> torch.Tensor:  # [T, Hq * D]
         t = q.shape[0]
         # Allocated once per forward per layer; the backend fills it and nothing copies it.
@@ -34,7 +35,11 @@ class Attention(nn.Module):
         if self.debug_checks:
             out.fill_(float("nan"))
             ptr = out.data_ptr()
-        self.backend.forward(q, k, v, out.view(t, self.num_heads, self.head_dim), meta)
+        o3 = out.view(t, self.num_heads, self.head_dim)
+        if q_norm_rope is None:  # (backends written before the argument existed still work)
+            self.backend.forward(q, k, v, o3, meta)
+        else:
+            self.backend.forward(q, k, v, o3, meta, q_norm_rope=q_norm_rope)
         if self.debug_checks:
             self._check_filled(out, ptr)
         return out

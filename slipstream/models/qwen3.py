@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from slipstream.attention.base import AttentionBackend, AttentionMetadata
+from slipstream.attention.base import AttentionBackend, AttentionMetadata, QNormRope
 from slipstream.config import ModelConfig
 from slipstream.kernels import fused as fused_ops
 from slipstream.layers.activation import silu_and_mul
@@ -52,7 +52,17 @@ class Qwen3Attention(nn.Module):
             t, self.num_kv_heads, self.head_dim
         )
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        if fused_ops.should_fuse(self.fused, qkv):
+        fused = fused_ops.should_fuse(self.fused, qkv)
+        if fused and rows is None and self.attn.backend.fuses_q_norm_rope(meta):
+            # k's norm + rotary in place into qkv; q's are applied by the attention kernel as
+            # it loads each query tile, so q is read once and never written back.
+            fused_ops.qk_norm_rope_(
+                qkv[:, self.q_size :], self.q_norm.weight, self.k_norm.weight, cos, sin,
+                0, self.num_kv_heads, self.head_dim, self.k_norm.eps,
+            )  # fmt: skip
+            rope = QNormRope(self.q_norm.weight, cos, sin, self.q_norm.eps)
+            return self.o_proj(self.attn(q, k, v, meta, q_norm_rope=rope))
+        if fused:
             # q/k norm + rotary in one kernel, written in place into qkv (so into q and k).
             fused_ops.qk_norm_rope_(
                 qkv, self.q_norm.weight, self.k_norm.weight, cos, sin,
