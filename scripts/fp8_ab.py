@@ -6,7 +6,8 @@
 Variants: leading layers kept in bf16 (`fp8_skip_layers`), fast accumulation in the fp8 GEMM
 (SLIPSTREAM_FP8_FAST_ACCUM), the fused norm/activation quantisation hand-over (`takes_fp8_rows`)
 on or off, 65,536-token forwards, and q's norm + rotary in the attention kernel
-(SLIPSTREAM_FLASH_QROPE, on by default) or in the separate qk kernel. The bf16 engine runs first and gives the reference
+(SLIPSTREAM_FLASH_QROPE, on by default) or in the separate qk kernel, and CUDA graphs for the
+embedding forwards (on by default) or eager forwards. The bf16 engine runs first and gives the reference
 vectors; each engine is freed before the next is built.
 """
 
@@ -41,6 +42,10 @@ VARIANTS = [
     ("bf16 no-qrope", {}, {"SLIPSTREAM_FLASH_QROPE": "0"}, True),
     ("fp8 skip2 no-qrope", {"quantization": "fp8", "fp8_skip_layers": 2},
      {"SLIPSTREAM_FLASH_QROPE": "0"}, True),
+    # embedding forwards eagerly instead of as CUDA-graph replays
+    ("bf16 no-graphs", {"disable_cuda_graph": True}, {}, True),
+    ("fp8 skip2 no-graphs", {"quantization": "fp8", "fp8_skip_layers": 2,
+                             "disable_cuda_graph": True}, {}, True),
 ]  # fmt: skip
 
 

@@ -3,7 +3,7 @@
 # minutes). Usage: bash scripts/gpu_check.sh [stage ...]
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
-#           host-profile host-profile-fp8 qrope-ab tests-attn
+#           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -114,6 +114,18 @@ for stage in $STAGES; do
     $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 \
       --only "bf16 no-qrope,fp8 skip2,fp8 skip2 no-qrope" --json "$RES/qrope_ab_mixed.json" \
       2>&1 | tee "$RES/qrope_ab_mixed.log"
+    ;;
+  graphs-ab)
+    need_ckpt || continue
+    log "A/B: embedding forwards as CUDA-graph replays vs eager (one process)"
+    $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 \
+      --only "bf16 no-graphs,fp8 skip2,fp8 skip2 no-graphs" --json "$RES/graphs_ab_mixed.json" \
+      2>&1 | tee "$RES/graphs_ab_mixed.log"
+    ;;
+  tests-new)
+    log "pytest -m gpu, this session's new GPU tests"
+    $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_embed_graph.py \
+      tests/test_flash_q_rope.py 2>&1 | tee "$RES/pytest_gpu_new.log"
     ;;
   tests-attn)
     log "pytest -m gpu, attention and fused kernels only"

@@ -353,6 +353,8 @@ class EngineConfig:
     quantization: str | None = None
     fp8_skip_layers: int = DEFAULT_FP8_SKIP_LAYERS
     debug_checks: bool = False
+    # CUDA graphs for embedding forwards (engine/embed_graph.py) where the model allows them.
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         if self.fp8_skip_layers < 0:

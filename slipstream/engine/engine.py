@@ -91,6 +91,7 @@ class Engine:
             quantization=quantization,
             fp8_skip_layers=fp8_skip_layers,
             debug_checks=debug_checks,
+            cuda_graphs=not disable_cuda_graph,
         )
         self.model_config = model_cfg
         self.model_dir = model_dir

@@ -26,6 +26,31 @@ class ModelRunner:
             from slipstream.layers.fp8 import quantize_model_fp8
 
             quantize_model_fp8(self.model, skip_layers=config.fp8_skip_layers)
+        self.embed_graphs = self._make_embed_graphs()
+
+    def _make_embed_graphs(self):  # type: ignore[no-untyped-def]
+        """CUDA graphs for embedding forwards, or None where they do not apply: not CUDA, a
+        backend whose packed path is not capture-safe, debug checks (they read the device), or
+        a model whose pooled forward is not the device-only last-token path."""
+        cfg = self.config
+        from slipstream.engine.cuda_graph import GRAPH_SAFE_BACKENDS
+
+        if not (
+            cfg.cuda_graphs
+            and self.device.type == "cuda"
+            and cfg.attention_backend in GRAPH_SAFE_BACKENDS
+            and not cfg.debug_checks
+            and self._last_token_model()
+        ):
+            return None
+        from slipstream.engine.embed_graph import EmbedCudaGraphs
+
+        return EmbedCudaGraphs(
+            self.model, self.device, cfg.max_batch_tokens, cfg.max_batch_size, cfg.model.causal
+        )
+
+    def _last_token_model(self) -> bool:
+        return self.config.model.pooling.mode == "last" and self.config.model.arch == "qwen3"
 
     def _device_tensors(self, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         dev = self.device
@@ -53,6 +78,9 @@ class ModelRunner:
     def embed(self, batch: Batch) -> torch.Tensor:
         """Pooled, un-normalised float32 vectors [B, hidden] in the batch's order (on device)."""
         assert batch.phase is Phase.EMBED
+        graphs = self.embed_graphs
+        if graphs is not None and graphs.key(batch) is not None:
+            return graphs.run(batch)
         ids, pos, meta = self._device_tensors(batch)
         return self.pooled_forward(ids, pos, meta, batch.seq_lens)
 
@@ -66,7 +94,7 @@ class ModelRunner:
     ) -> torch.Tensor:
         """The model and the pooling on device tensors: float32 [B, hidden]."""
         mode = self.config.model.pooling.mode
-        if mode == "last" and self.config.model.arch == "qwen3":
+        if self._last_token_model():
             # The model returns the last token of each sequence only (the last layer skips
             # the rows that are not pooled).
             return self.model(ids, pos, meta, last_token_only=True).float()
