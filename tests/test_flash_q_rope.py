@@ -41,12 +41,17 @@ def _case(
     qw = (1.0 + 0.3 * torch.randn(d, generator=g)).to(device=DEV, dtype=dtype)
     kw = (1.0 + 0.3 * torch.randn(d, generator=g)).to(device=DEV, dtype=dtype)
     pos = torch.tensor([p for n in lens for p in range(n)], device=DEV)
-    cos, sin = RotaryEmbedding(d, 10000.0, 4096).cos_sin(pos)
+    rot = RotaryEmbedding(d, 10000.0, 4096)
+    cos, sin = rot.cos_sin(pos)
+    ch, sh = rot.cos_sin_half(pos, dtype)
+    assert torch.equal(ch, cos[:, : d // 2].to(dtype)) and torch.equal(
+        cos[:, : d // 2], cos[:, d // 2 :]
+    )
     cu = [0]
     for n in lens:
         cu.append(cu[-1] + n)
     cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
-    return qkv, qw, kw, cos, sin, cu_t
+    return qkv, qw, kw, cos, sin, cu_t, ch, sh
 
 
 def _views(qkv: torch.Tensor, hq: int, hkv: int, d: int) -> tuple[torch.Tensor, ...]:
@@ -87,7 +92,7 @@ def test_prologue_equals_rotating_q_first(
     variant: str, dtype: torch.dtype, lens: list[int], causal: bool
 ) -> None:
     hq, hkv, d = 4, 2, 32
-    qkv, qw, kw, cos, sin, cu = _case(lens, hq, hkv, d, dtype, seed=len(lens))
+    qkv, qw, kw, cos, sin, cu, ch, sh = _case(lens, hq, hkv, d, dtype, seed=len(lens))
     raw = qkv.clone()
     t, mx = qkv.shape[0], max(lens)
     # Reference path: the fused qk kernel rotates q and k in place, then plain attention.
@@ -101,7 +106,7 @@ def test_prologue_equals_rotating_q_first(
     big_out = torch.full((t, hq + 1, d), float("nan"), dtype=dtype, device=DEV)
     out = big_out[:, :hq]  # a strided view: the spare head must stay untouched
     fa._launch(
-        q_raw, k_r, v_r, out, cu, cu, mx, mx, causal, None, qw, cos, sin, 1e-6,
+        q_raw, k_r, v_r, out, cu, cu, mx, mx, causal, None, qw, ch, sh, 1e-6,
         config=CONFIG, variant=variant,
     )  # fmt: skip
     assert not torch.isnan(out).any(), "rows of `out` left unwritten"
@@ -117,18 +122,18 @@ def test_prologue_equals_rotating_q_first(
 def test_prologue_through_the_op_and_the_wrapper() -> None:
     dtype = DTYPES[0]
     hq, hkv, d, lens = 4, 2, 32, [3, 1, 17]
-    qkv, qw, kw, cos, sin, cu = _case(lens, hq, hkv, d, dtype)
+    qkv, qw, kw, cos, sin, cu, ch, sh = _case(lens, hq, hkv, d, dtype)
     q, k, v = _views(qkv, hq, hkv, d)
     outs = []
     for via_op in (False, True):
         out = torch.full((qkv.shape[0], hq, d), float("nan"), dtype=dtype, device=DEV)
         if via_op:
             torch.ops.slipstream.flash_attn_varlen(
-                q, k, v, out, cu, cu, 17, 17, True, None, qw, cos, sin, 1e-6
+                q, k, v, out, cu, cu, 17, 17, True, None, qw, ch, sh, 1e-6
             )
         else:
             fa.flash_attn_varlen(
-                q, k, v, out, cu, cu, 17, 17, causal=True, q_norm_weight=qw, cos=cos, sin=sin,
+                q, k, v, out, cu, cu, 17, 17, causal=True, q_norm_weight=qw, cos=ch, sin=sh,
                 q_norm_eps=1e-6,
             )  # fmt: skip
         outs.append(out)
@@ -144,31 +149,32 @@ def test_prologue_through_the_op_and_the_wrapper() -> None:
 def test_prologue_bad_arguments_raise() -> None:
     dtype = DTYPES[0]
     hq, hkv, d, lens = 4, 2, 32, [3, 5]
-    qkv, qw, kw, cos, sin, cu = _case(lens, hq, hkv, d, dtype)
+    qkv, qw, kw, cos, sin, cu, ch, sh = _case(lens, hq, hkv, d, dtype)
     q, k, v = _views(qkv, hq, hkv, d)
     out = torch.empty(q.shape, dtype=dtype, device=DEV)
 
     def call(**kw_):  # type: ignore[no-untyped-def]
-        args = {"q_norm_weight": qw, "cos": cos, "sin": sin, "q_norm_eps": 1e-6} | kw_
+        args = {"q_norm_weight": qw, "cos": ch, "sin": sh, "q_norm_eps": 1e-6} | kw_
         fa.flash_attn_varlen(q, k, v, out, cu, cu, 5, 5, causal=True, **args)
 
     with pytest.raises(ValueError, match="go together"):
         call(sin=None)
     with pytest.raises(ValueError, match="`cos` must have shape"):
-        call(cos=cos[:-1])
+        call(cos=ch[:-1])
+    with pytest.raises(ValueError, match="`sin` must have shape"):
+        call(sin=sin)  # the full-width table
     with pytest.raises(ValueError, match="`q_norm_weight` must have shape"):
         call(q_norm_weight=qw[:-2])
     with pytest.raises(ValueError, match="q_norm_eps"):
         call(q_norm_eps=0.0)
     with pytest.raises(TypeError, match="floating-point"):
-        call(sin=sin.to(torch.int32))
+        call(sin=sh.to(torch.int32))
     # `out` sharing memory with cos: the kernel would read what it overwrites
-    shared = torch.empty(q.shape[0], hq * d + d, dtype=torch.float32, device=DEV)
+    shared = torch.empty(q.shape[0], hq * d + d // 2, dtype=dtype, device=DEV)
     with pytest.raises(ValueError, match="overlaps the memory of `cos`"):
         fa.flash_attn_varlen(
-            q.float() if INTERPRET else q, k.float() if INTERPRET else k,
-            v.float() if INTERPRET else v, shared[:, : hq * d].view(-1, hq, d), cu, cu, 5, 5,
-            causal=True, q_norm_weight=qw.float(), cos=shared[:, hq * d :], sin=sin,
+            q, k, v, shared[:, : hq * d].view(-1, hq, d), cu, cu, 5, 5, causal=True,
+            q_norm_weight=qw, cos=shared[:, hq * d :], sin=sh,
         )  # fmt: skip
 
 
@@ -177,7 +183,7 @@ def test_prologue_bad_arguments_raise() -> None:
 def test_qk_norm_rope_k_only(t: int) -> None:
     dtype = DTYPES[0]
     hq, hkv, d = 4, 2, 32
-    qkv, qw, kw, cos, sin, _ = _case([t], hq, hkv, d, dtype, seed=t)
+    qkv, qw, kw, cos, sin = _case([t], hq, hkv, d, dtype, seed=t)[:5]
     full = qkv.clone()
     F.qk_norm_rope_(full, qw, kw, cos, sin, hq, hkv, d, 1e-6)
     before = qkv.clone()
@@ -257,7 +263,7 @@ def test_gpu_prologue_qwen3_heads_autotuned(variant: str, monkeypatch: pytest.Mo
     """bf16, 16 q / 8 kv heads of 128, the autotuned kernel, lengths 1..2000."""
     monkeypatch.setenv("SLIPSTREAM_FLASH_VARIANT", variant)
     hq, hkv, d, lens = 16, 8, 128, [1, 7, 129, 2000, 64]
-    qkv, qw, kw, cos, sin, cu = _case(lens, hq, hkv, d, torch.bfloat16)
+    qkv, qw, kw, cos, sin, cu, ch, sh = _case(lens, hq, hkv, d, torch.bfloat16)
     ready = qkv.clone()
     F.qk_norm_rope_(ready, qw, kw, cos, sin, hq, hkv, d, 1e-6)
     q_r, k_r, v_r = _views(ready, hq, hkv, d)
@@ -266,8 +272,8 @@ def test_gpu_prologue_qwen3_heads_autotuned(variant: str, monkeypatch: pytest.Mo
     got = torch.full(q_r.shape, float("nan"), dtype=torch.bfloat16, device=DEV)
     q_raw = _views(qkv, hq, hkv, d)[0]
     fa.flash_attn_varlen(
-        q_raw, k_r, v_r, got, cu, cu, 2000, 2000, causal=True, q_norm_weight=qw, cos=cos,
-        sin=sin, q_norm_eps=1e-6,
+        q_raw, k_r, v_r, got, cu, cu, 2000, 2000, causal=True, q_norm_weight=qw, cos=ch,
+        sin=sh, q_norm_eps=1e-6,
     )  # fmt: skip
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)

@@ -175,7 +175,7 @@ def _attn_fwd_inner(
 
 def _load_q_norm_rope(
     row_ptrs,  # [BLOCK_M] pointers to element 0 of each row's query head
-    cos_rows,  # [BLOCK_M] pointers to each row's cos row ([D] float32)
+    cos_rows,  # [BLOCK_M] pointers to each row's cos row ([D/2]: NeoX halves are equal)
     sin_rows,  # [BLOCK_M] pointers to each row's sin row
     row_ok,  # [BLOCK_M, 1]
     QW,  # [D] q_norm weight
@@ -199,12 +199,13 @@ def _load_q_norm_rope(
     w2 = tl.load(QW + d2).to(tl.float32)[None, :]
     n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
     n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
-    c1 = tl.load(cos_rows[:, None] + d[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
-    c2 = tl.load(cos_rows[:, None] + d2[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
-    s1 = tl.load(sin_rows[:, None] + d[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
-    s2 = tl.load(sin_rows[:, None] + d2[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
-    o1 = ((n1 * c1).to(dt).to(tl.float32) + (-(n2 * s1)).to(dt).to(tl.float32)).to(dt)
-    o2 = ((n2 * c2).to(dt).to(tl.float32) + (n1 * s2).to(dt).to(tl.float32)).to(dt)
+    # Half-width tables (cos(p * f_i) for i < D/2: both halves of a NeoX table are equal), cast
+    # to the input dtype first as RotaryEmbedding.rotate does: a quarter of the bytes of the
+    # float32 [T, D] tables, read once per Q tile.
+    c = tl.load(cos_rows[:, None] + d[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
+    s = tl.load(sin_rows[:, None] + d[None, :], mask=row_ok, other=0.0).to(dt).to(tl.float32)
+    o1 = ((n1 * c).to(dt).to(tl.float32) + (-(n2 * s)).to(dt).to(tl.float32)).to(dt)
+    o2 = ((n2 * c).to(dt).to(tl.float32) + (n1 * s).to(dt).to(tl.float32)).to(dt)
     # [BLOCK_M, D/2, 2] -> [BLOCK_M, 2, D/2] -> [BLOCK_M, D]: the two halves side by side.
     return tl.reshape(tl.permute(tl.join(o1, o2), (0, 2, 1)), (BLOCK_M, HEAD_DIM))
 
@@ -229,8 +230,8 @@ def _flash_attn_varlen_fwd_kernel(
     num_heads_q,  # Hq
     group_size,  # Hq // Hkv (runtime: a constexpr would recompile every config per GQA ratio)
     QW,  # [D] q_norm weight (Q_ROPE only)
-    COS,  # [T_q, D] float32 (Q_ROPE only)
-    SIN,  # [T_q, D] float32 (Q_ROPE only)
+    COS,  # [T_q, D/2] (Q_ROPE only)
+    SIN,  # [T_q, D/2] (Q_ROPE only)
     stride_cos,
     stride_sin,
     q_eps,
@@ -353,8 +354,8 @@ def _flash_attn_varlen_fwd_packed_kernel(
     num_heads_q,  # Hq
     group_size,  # Hq // Hkv
     QW,  # [D] q_norm weight (Q_ROPE only)
-    COS,  # [T_q, D] float32 (Q_ROPE only)
-    SIN,  # [T_q, D] float32 (Q_ROPE only)
+    COS,  # [T_q, D/2] (Q_ROPE only)
+    SIN,  # [T_q, D/2] (Q_ROPE only)
     stride_cos,
     stride_sin,
     q_eps,
@@ -958,10 +959,10 @@ def _check_q_norm_rope(
         if x.shape[-1] > 1 and x.stride(-1) != 1:
             raise ValueError(f"flash_attn_varlen: last dim of `{name}` must have stride 1")
     for name, x in (("cos", cos), ("sin", sin)):
-        if x.dim() != 2 or tuple(x.shape) != (t, d):
+        if x.dim() != 2 or tuple(x.shape) != (t, d // 2):
             raise ValueError(
-                f"flash_attn_varlen: `{name}` must have shape ({t}, {d}) [query tokens, head_dim], "
-                f"got {tuple(x.shape)}"
+                f"flash_attn_varlen: `{name}` must have shape ({t}, {d // 2}) [query tokens, "
+                f"head_dim / 2] (the first half of a NeoX rotary table), got {tuple(x.shape)}"
             )
     eps = float(q_norm_eps)
     if not (math.isfinite(eps) and eps > 0.0):
@@ -1264,7 +1265,8 @@ def flash_attn_varlen(
         q_norm_weight, cos, sin, q_norm_eps: the q prologue (all three tensors or none).
             ``q`` is then the raw projection output and each Q tile gets Qwen3's per-head
             RMSNorm (``q_norm_weight`` [D], ``q_norm_eps``) and NeoX rotary (``cos``/``sin``
-            [T_q, D], float32 from RotaryEmbedding.cos_sin) as it is loaded, with the same
+            [T_q, D/2]: the first half of each row of a NeoX table, whose two halves are equal;
+            RotaryEmbedding.cos_sin_half gives them in q's dtype) as it is loaded, with the same
             rounding as ``fused.qk_norm_rope_``; ``q`` itself is not written.
         check: also validate the *values* of cu_seqlens (a GPU sync). Default: on for CPU
             tensors (always checked there) or when ``SLIPSTREAM_DEBUG=1``.

@@ -44,6 +44,7 @@ class Qwen3Attention(nn.Module):
         sin: torch.Tensor,
         meta: AttentionMetadata,
         rows: torch.Tensor | None = None,  # [B] int64: compute the output for these rows only
+        rope_half: tuple[torch.Tensor, torch.Tensor] | None = None,  # for the q prologue
     ) -> torch.Tensor:  # [T, hidden], or [B, hidden] with rows
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
         t = qkv.shape[0]
@@ -53,14 +54,14 @@ class Qwen3Attention(nn.Module):
         )
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         fused = fused_ops.should_fuse(self.fused, qkv)
-        if fused and rows is None and self.attn.backend.fuses_q_norm_rope(meta):
+        if fused and rows is None and rope_half is not None:
             # k's norm + rotary in place into qkv; q's are applied by the attention kernel as
             # it loads each query tile, so q is read once and never written back.
             fused_ops.qk_norm_rope_(
                 qkv[:, self.q_size :], self.q_norm.weight, self.k_norm.weight, cos, sin,
                 0, self.num_kv_heads, self.head_dim, self.k_norm.eps,
             )  # fmt: skip
-            rope = QNormRope(self.q_norm.weight, cos, sin, self.q_norm.eps)
+            rope = QNormRope(self.q_norm.weight, rope_half[0], rope_half[1], self.q_norm.eps)
             return self.o_proj(self.attn(q, k, v, meta, q_norm_rope=rope))
         if fused:
             # q/k norm + rotary in one kernel, written in place into qkv (so into q and k).
@@ -123,6 +124,7 @@ class Qwen3DecoderLayer(nn.Module):
         sin: torch.Tensor,
         meta: AttentionMetadata,
         rows: torch.Tensor | None = None,
+        rope_half: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # With fp8 GEMMs the norms quantise their output for the projection that reads it.
         fp8_in = self.self_attn.qkv_proj.takes_fp8_rows
@@ -131,7 +133,7 @@ class Qwen3DecoderLayer(nn.Module):
             h = self.input_layernorm(x, fp8=fp8_in)
         else:
             h, residual = self.input_layernorm.forward_residual(x, residual, fp8=fp8_in)
-        a = self.self_attn(h, cos, sin, meta, rows)
+        a = self.self_attn(h, cos, sin, meta, rows, rope_half)
         if rows is not None:
             residual = residual[rows]
         fp8_mlp = self.mlp.gate_up_proj.takes_fp8_rows
@@ -189,16 +191,27 @@ class Qwen3Model(nn.Module):
         layer feed nothing that is returned, so they are not computed."""
         x = self.embed_tokens(input_ids)
         cos, sin = self.rotary.cos_sin(positions)
+        rope_half = None
+        if self.layers and self._q_prologue(x, meta):
+            # The attention kernel applies q's norm + rotary itself, from half-width tables in
+            # the activation dtype (gathered once per forward for all layers).
+            rope_half = self.rotary.cos_sin_half(positions, x.dtype)
         residual = None
         last = len(self.layers) - 1
         rows = meta.cu_seqlens_q[1:].long() - 1 if last_token_only else None
         for i, layer in enumerate(self.layers):
             with torch.profiler.record_function(f"slipstream::layer_{i}"):
-                x, residual = layer(x, residual, cos, sin, meta, rows if i == last else None)
+                x, residual = layer(
+                    x, residual, cos, sin, meta, rows if i == last else None, rope_half
+                )
         if residual is None:  # a model without layers
             return self.norm(x)
         x, _ = self.norm.forward_residual(x, residual)
         return x
+
+    def _q_prologue(self, x: torch.Tensor, meta: AttentionMetadata) -> bool:
+        attn = self.layers[0].self_attn
+        return fused_ops.should_fuse(attn.fused, x) and attn.attn.backend.fuses_q_norm_rope(meta)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         weight = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
