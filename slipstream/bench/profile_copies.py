@@ -740,13 +740,24 @@ def profile_copies(
         seqs = random_token_ids([seq_len] * batch, cfg.vocab_size, seed)
         packed = Batch.pack(seqs, list(range(batch)), Phase.EMBED)
 
+        def eager_embed() -> None:
+            # The eager forward: the kernels an embedding CUDA graph replays are these same
+            # ones, but a replay hides the per-layer ranges the attribution needs. (The graph
+            # path adds one [B, hidden] copy of the pooled rows, outside the layers.)
+            runner = engine.runner
+            graphs, runner.embed_graphs = runner.embed_graphs, None
+            try:
+                runner.embed(packed)  # runs under its own inference_mode
+            finally:
+                runner.embed_graphs = graphs
+
         def run_embed() -> float | None:
-            engine.runner.embed(packed)  # runs under its own inference_mode
+            eager_embed()
             return None
 
         def run_embed_profiled(prof: Any) -> None:
             with prof:
-                engine.runner.embed(packed)
+                eager_embed()
                 _sync(device)
 
         step = _Step(run_embed, run_embed_profiled, lambda: [engine.runner.model])
