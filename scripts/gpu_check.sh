@@ -4,7 +4,6 @@
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
-#           attn-lazy lazy-ab
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -132,24 +131,6 @@ for stage in $STAGES; do
     log "pytest -m gpu, attention and fused kernels only"
     $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_flash_q_rope.py \
       tests/test_kernels_flash_attn.py tests/test_kernels_fused.py 2>&1 | tee "$RES/pytest_gpu_attn.log"
-    ;;
-  attn-lazy)
-    sw=SLIPSTREAM_FLASH_LAZY
-    log "pytest -m gpu flash kernel with $sw=1"
-    env $sw=1 $PY -m pytest -q -m gpu -p no:cacheprovider tests/test_kernels_flash_attn.py \
-      2>&1 | tail -3 | tee "$RES/pytest_gpu_flash_lazy.log"
-    for on in 0 1; do
-      log "attention bench, $sw=$on"
-      env $sw=$on $PY benchmarks/attention_bench.py --variants base,gqa_pack --cases a,b \
-        --json "$RES/${stage}_$on.json" 2>&1 | tail -25 | tee "$RES/${stage}_$on.log"
-    done
-    ;;
-  lazy-ab)
-    need_ckpt || continue
-    log "A/B: lazy softmax rescaling (one process)"
-    $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 \
-      --only "bf16 lazy,fp8 skip2,fp8 skip2 lazy" --json "$RES/lazy_ab_mixed.json" \
-      2>&1 | tee "$RES/lazy_ab_mixed.log"
     ;;
   attn-ws)
     sw=SLIPSTREAM_FLASH_WS

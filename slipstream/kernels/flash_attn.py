@@ -132,7 +132,6 @@ def _attn_fwd_inner(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     WS: tl.constexpr = False,
-    LAZY: tl.constexpr = False,
 ):
     # One pass over key blocks [lo, hi). MASKED=False is the hot loop: every key in range is
     # valid and visible to every query row, so loads and scores need no mask at all.
@@ -145,48 +144,32 @@ def _attn_fwd_inner(
         else:
             k = tl.load(k_ptrs + start_n * stride_kt)
         qk = tl.dot(q, k)  # fp32 accumulate
-        if LAZY and not MASKED:
-            # Lazy rescaling (SLIPSTREAM_FLASH_LAZY=1, A/B): the reference max m_i moves only
-            # when some row's max grows by more than 8 (in log2 units), so most blocks skip the
-            # acc/l_i rescale. Exact in real arithmetic (acc and l_i share the reference);
-            # p stays <= 2^8, far inside fp32 / bf16 range.
-            m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            if tl.max(m_new - m_i, 0) > 8.0:
-                alpha = tl.math.exp2(m_i - m_new)
-                l_i = l_i * alpha
-                acc = acc * alpha[:, None]
-                m_i = m_new
-            p = tl.math.exp2(qk * qk_scale - m_i[:, None])
-            l_i = l_i + tl.sum(p, 1)
-            v = tl.load(v_ptrs + start_n * stride_vt)
-            acc = tl.dot(p.to(v.dtype), v, acc)
+        if MASKED:
+            if CAUSAL:
+                # For real rows (offs_m < seqlen_q) this also implies cols < seqlen_k.
+                visible = cols[None, :] <= offs_m[:, None] + causal_shift
+            else:
+                visible = cols[None, :] < seqlen_k
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
+            m_ij = tl.maximum(m_i, tl.max(qk, 1))
+            qk = qk - m_ij[:, None]
         else:
-            if MASKED:
-                if CAUSAL:
-                    # For real rows (offs_m < seqlen_q) this also implies cols < seqlen_k.
-                    visible = cols[None, :] <= offs_m[:, None] + causal_shift
-                else:
-                    visible = cols[None, :] < seqlen_k
-                qk = tl.where(visible, qk * qk_scale, float("-inf"))
-                m_ij = tl.maximum(m_i, tl.max(qk, 1))
-                qk = qk - m_ij[:, None]
-            else:
-                # qk_scale > 0 (checked by the wrapper), so max(qk) * scale == max(qk * scale)
-                # and the scale folds into one FMA per element.
-                m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-                qk = qk * qk_scale - m_ij[:, None]
-            p = tl.math.exp2(qk)
-            # m_i starts at a finite -1e30 (not -inf), so alpha is never exp2(-inf - -inf) = NaN.
-            alpha = tl.math.exp2(m_i - m_ij)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None]
-            if MASKED:
-                v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seqlen_k, other=0.0)
-            else:
-                v = tl.load(v_ptrs + start_n * stride_vt)
-            # P in the input dtype for the second GEMM (tensor-core path), accumulate in fp32.
-            acc = tl.dot(p.to(v.dtype), v, acc)
-            m_i = m_ij
+            # qk_scale > 0 (checked by the wrapper), so max(qk) * scale == max(qk * scale)
+            # and the scale folds into one FMA per element.
+            m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+            qk = qk * qk_scale - m_ij[:, None]
+        p = tl.math.exp2(qk)
+        # m_i starts at a finite -1e30 (not -inf), so alpha is never exp2(-inf - -inf) = NaN.
+        alpha = tl.math.exp2(m_i - m_ij)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if MASKED:
+            v = tl.load(v_ptrs + start_n * stride_vt, mask=cols[:, None] < seqlen_k, other=0.0)
+        else:
+            v = tl.load(v_ptrs + start_n * stride_vt)
+        # P in the input dtype for the second GEMM (tensor-core path), accumulate in fp32.
+        acc = tl.dot(p.to(v.dtype), v, acc)
+        m_i = m_ij
     return acc, l_i, m_i
 
 
@@ -260,7 +243,6 @@ def _flash_attn_varlen_fwd_kernel(
     BLOCK_N: tl.constexpr,
     WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
     Q_ROPE: tl.constexpr = False,  # q RMSNorm + rotary applied while loading the Q tile
-    LAZY: tl.constexpr = False,  # lazy softmax rescaling in the hot loop (A/B)
 ):
     # 1-D grid of num_heads_q * NV programs over "virtual" query blocks. Sequence b owns the
     # virtual blocks [cu_q[b] // BLOCK_M + b, cu_q[b+1] // BLOCK_M + b + 1): at least
@@ -337,7 +319,7 @@ def _flash_attn_varlen_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
         0, full_hi, seqlen_k, causal_shift, qk_scale,
-        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS, LAZY=LAZY,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
@@ -386,7 +368,6 @@ def _flash_attn_varlen_fwd_packed_kernel(
     PACK: tl.constexpr,  # query heads (sharing one kv head) stacked into one Q tile
     WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
     Q_ROPE: tl.constexpr = False,  # q RMSNorm + rotary applied while loading the Q tile
-    LAZY: tl.constexpr = False,  # lazy softmax rescaling in the hot loop (A/B)
 ):
     # Variant "gqa_pack": like the base kernel, but one program owns PACK query heads that read
     # the same kv head (PACK divides group_size). Their rows are stacked into one Q tile,
@@ -462,7 +443,7 @@ def _flash_attn_varlen_fwd_packed_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
         0, full_hi, seqlen_k, causal_shift, qk_scale,
-        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS, LAZY=LAZY,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
@@ -1115,8 +1096,6 @@ def _launch(
     meta = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal), "Q_ROPE": q_rope}
     if os.environ.get("SLIPSTREAM_FLASH_WS", "0") == "1" and not _interpret_mode():
         meta["WS"] = True
-    if os.environ.get("SLIPSTREAM_FLASH_LAZY", "0") == "1":
-        meta["LAZY"] = True
 
     if config is None:
         config = _INTERPRETER_BLOCKS if _interpret_mode() else _env_config(head_dim, variant)
