@@ -36,6 +36,15 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--max-input-tokens", type=int, default=None)
     add_quantization_args(p)
+    add_cuda_graph_arg(p)
+
+
+def add_cuda_graph_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="run embedding forwards and decode steps eagerly, without CUDA graphs",
+    )
 
 
 def add_quantization_args(p: argparse.ArgumentParser) -> None:
@@ -150,7 +159,6 @@ def _generate_parser(sub: Any) -> None:
         help="token budget of one forward; longer prompts are prefilled in chunks",
     )
     p.add_argument("--disable-prefix-cache", action="store_true")
-    p.add_argument("--disable-cuda-graph", action="store_true")
     p.add_argument("--json", action="store_true", help="print JSON")
     p.set_defaults(func=_run_generate)
 

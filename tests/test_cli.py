@@ -132,3 +132,21 @@ def test_fp8_on_cpu_is_a_clear_cli_error(
     argv = ["embed", "x", "--model", str(tiny_qwen3), "--device", "cpu", "--quantization", "fp8"]
     assert main(argv) == 2
     assert "fp8" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["embed", "x"], ["generate", "x"], ["serve"], ["bench", "embed"]])
+def test_disable_cuda_graph_reaches_the_engine(
+    argv: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--disable-cuda-graph (embedding forwards and decode steps) parses on every engine
+    command, defaults to off, and engine_from_args hands it to Engine."""
+    import slipstream
+    from slipstream.cli import build_parser, engine_from_args
+
+    assert build_parser(argv).parse_args(argv).disable_cuda_graph is False
+    full = [*argv, "--disable-cuda-graph"]
+    args = build_parser(full).parse_args(full)
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(slipstream, "Engine", lambda **kw: seen.update(kw))
+    engine_from_args(args)
+    assert seen["disable_cuda_graph"] is True

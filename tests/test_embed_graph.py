@@ -105,3 +105,10 @@ def test_gpu_graph_cache_is_bounded(tiny_qwen3: Path) -> None:
     assert runner.embed_graphs.replays == 1
     eng.embed_token_ids([[5] * 10])
     assert runner.embed_graphs.captures == 5
+
+
+def test_disable_cuda_graph_reaches_the_config(tiny_qwen3: Path) -> None:
+    from slipstream import Engine
+
+    assert Engine(tiny_qwen3, device="cpu").config.cuda_graphs is True
+    assert Engine(tiny_qwen3, device="cpu", disable_cuda_graph=True).config.cuda_graphs is False

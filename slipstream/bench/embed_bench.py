@@ -28,7 +28,7 @@ import torch
 
 from slipstream.bench.flops import embed_flops, measure_peak_tflops
 from slipstream.bench.workloads import NAMED_WORKLOADS, Workload, make_workload
-from slipstream.cli import add_quantization_args
+from slipstream.cli import add_cuda_graph_arg, add_quantization_args
 from slipstream.errors import ConfigError
 
 logger = logging.getLogger("slipstream.bench")
@@ -48,6 +48,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
     p.add_argument("--dtype", default=None, help="default: bfloat16 on cuda, float32 on cpu")
     add_quantization_args(p)
+    add_cuda_graph_arg(p)
     p.add_argument("--attention-backend", default=None, help="flash or torch")
     p.add_argument("--max-batch-tokens", type=int, default=16384)
     p.add_argument("--max-input-tokens", type=int, default=None, help="length cap")
@@ -345,6 +346,7 @@ def run_embed_bench(args: argparse.Namespace) -> dict[str, Any]:
         "dtype": str(engine.config.dtype).removeprefix("torch."),
         "quantization": engine.config.quantization,
         "attention_backend": engine.config.attention_backend,
+        "cuda_graphs": getattr(engine.runner, "embed_graphs", None) is not None,
         "max_batch_tokens": engine.config.max_batch_tokens,
         "max_input_tokens": engine.max_input_tokens,
         **wl.summary(),

@@ -131,7 +131,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--disable-prefix-cache", action="store_true", help="turn the radix prefix cache off"
     )
-    g.add_argument("--disable-cuda-graph", action="store_true", help="decode without CUDA graphs")
+    g.add_argument(
+        "--disable-cuda-graph",
+        action="store_true",
+        help="embedding forwards and decode steps without CUDA graphs",
+    )
 
 
 def default_torch_threads() -> int:
