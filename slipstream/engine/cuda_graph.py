@@ -42,12 +42,12 @@ GRAPH_SAFE_BACKENDS = frozenset({"flash"})
 
 @contextlib.contextmanager
 def static_rotary(model: nn.Module, max_positions: int, device: torch.device) -> Iterator[None]:
-    """Make the rotary lookup capture-safe while graphs are captured.
+    """Pin the rotary lookup to tables built before capture.
 
-    ``RotaryEmbedding.cos_sin`` reads ``positions.max()`` on the host to grow its table (a
-    device sync, illegal during capture). Here the table is built once for every position the
-    model allows, and lookups become pure gathers. The tables are kept on ``model`` so the
-    captured graphs' pointers stay valid after this context exits.
+    ``RotaryEmbedding.cos_sin`` already gathers from a table built once per device (no host
+    sync); here the gathered ``cos``/``sin`` for every position the model allows are built
+    before capture and kept on ``model``, so the captured graphs' pointers stay valid after this
+    context exits and nothing is allocated for the table inside a capture.
     """
     rotary: Any = model.rotary
     cos, sin = rotary.cos_sin(torch.arange(max_positions, device=device))
