@@ -381,7 +381,9 @@ def test_gpu_activation_quant_kernel_matches_torch() -> None:
 
 
 @pytest.mark.gpu
-def test_gpu_fp8_engine_matches_bf16(tiny_qwen3: Path, tmp_path: Path) -> None:
+def test_gpu_fp8_engine_matches_bf16(
+    tiny_qwen3: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     texts = ["the quick brown fox", "fp8 on hopper", "a third, longer sentence about kernels"]
     bf16 = Engine(tiny_qwen3, device="cuda", dtype="bfloat16")
     fp8 = Engine(tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8", fp8_skip_layers=0)
@@ -391,13 +393,11 @@ def test_gpu_fp8_engine_matches_bf16(tiny_qwen3: Path, tmp_path: Path) -> None:
     got = fp8.embed(texts + [t * 20 for t in texts])
     assert _cos(got, ref) >= 0.99
     # the fused norm/activation quantisation gives the vectors of the separate quant kernel
-    os.environ["SLIPSTREAM_FUSED"] = "0"
-    try:
+    with monkeypatch.context() as m:  # restores whatever SLIPSTREAM_FUSED was before
+        m.setenv("SLIPSTREAM_FUSED", "0")
         unfused = Engine(
             tiny_qwen3, device="cuda", dtype="bfloat16", quantization="fp8", fp8_skip_layers=0
         )
-    finally:
-        del os.environ["SLIPSTREAM_FUSED"]
     assert not any(m.takes_fp8_rows for m in unfused.runner.model.modules()
                    if isinstance(m, Fp8Linear))  # fmt: skip
     assert _cos(unfused.embed(texts + [t * 20 for t in texts]), got) >= 0.999
