@@ -36,16 +36,12 @@ from torch import nn
 
 from slipstream.attention.base import AttentionMetadata
 from slipstream.engine.batch import Batch
+from slipstream.kernels.flash_attn import seq_bucket
 
 logger = logging.getLogger("slipstream")
 
 TOKEN_STEP = 256
 MAX_GRAPHS = 96
-
-
-def _seq_bucket(n: int) -> int:
-    # The attention kernel's autotune bucket (kernels/flash_attn._seq_bucket).
-    return min(max(64, 1 << max(0, int(n) - 1).bit_length()), 16384)
 
 
 def _pow2_at_least(n: int) -> int:
@@ -60,7 +56,7 @@ def graph_key(batch: Batch, max_tokens: int, max_seqs: int) -> tuple[int, int, i
     b_b = _pow2_at_least(b + 1)
     if t == 0 or t_b > max_tokens or b_b > max_seqs:
         return None
-    return (t_b, b_b, _seq_bucket(max(batch.max_seqlen, t_b - t)))
+    return (t_b, b_b, seq_bucket(max(batch.max_seqlen, t_b - t)))
 
 
 def padded_inputs(batch: Batch, t_b: int, b_b: int) -> tuple[np.ndarray, np.ndarray]:
@@ -136,10 +132,12 @@ class EmbedCudaGraphs:
         ).float()  # [b_b, hidden]
 
     @torch.inference_mode()
-    def run(self, batch: Batch) -> torch.Tensor:
-        """Pooled float32 [B, hidden] of ``batch`` (a fresh tensor). Call only with a key."""
+    def run(self, batch: Batch) -> torch.Tensor | None:
+        """Pooled float32 [B, hidden] of ``batch`` (a fresh tensor), or None when the batch
+        does not fit the static buffers (the caller runs it eagerly)."""
         key = self.key(batch)
-        assert key is not None, "batch does not fit the embedding graphs"
+        if key is None:
+            return None
         t_b, b_b, _ = key
         pad = self._load(batch, t_b, b_b)
         max_len = max(batch.max_seqlen, pad)

@@ -78,9 +78,10 @@ class ModelRunner:
     def embed(self, batch: Batch) -> torch.Tensor:
         """Pooled, un-normalised float32 vectors [B, hidden] in the batch's order (on device)."""
         assert batch.phase is Phase.EMBED
-        graphs = self.embed_graphs
-        if graphs is not None and graphs.key(batch) is not None:
-            return graphs.run(batch)
+        if self.embed_graphs is not None:
+            pooled = self.embed_graphs.run(batch)
+            if pooled is not None:
+                return pooled
         ids, pos, meta = self._device_tensors(batch)
         return self.pooled_forward(ids, pos, meta, batch.seq_lens)
 

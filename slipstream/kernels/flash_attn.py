@@ -689,7 +689,7 @@ def _env_config(head_dim: int, variant: str = "base") -> tuple[int, int, int, in
     return None
 
 
-def _seq_bucket(n: int) -> int:
+def seq_bucket(n: int) -> int:
     # Power-of-two buckets in [64, 16384]: few autotune keys, all divisible by 16 (one
     # Triton specialisation for the unused key argument).
     return min(max(64, 1 << max(0, int(n) - 1).bit_length()), 16384)
@@ -1091,7 +1091,7 @@ def _launch(
             (q_norm_weight, cos, sin, cos.stride(0), sin.stride(0), float(q_norm_eps))
             if q_rope else (q, q, q, 0, 0, 0.0)  # placeholders the kernel never reads
         ),
-        _seq_bucket(max_seqlen_q), _seq_bucket(max_seqlen_k),
+        seq_bucket(max_seqlen_q), seq_bucket(max_seqlen_k),
     )  # fmt: skip
     meta = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal), "Q_ROPE": q_rope}
     if os.environ.get("SLIPSTREAM_FLASH_WS", "0") == "1" and not _interpret_mode():

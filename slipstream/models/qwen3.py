@@ -53,17 +53,18 @@ class Qwen3Attention(nn.Module):
             t, self.num_kv_heads, self.head_dim
         )
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        fused = fused_ops.should_fuse(self.fused, qkv)
-        if fused and rows is None and rope_half is not None:
-            # k's norm + rotary in place into qkv; q's are applied by the attention kernel as
-            # it loads each query tile, so q is read once and never written back.
+        if rope_half is not None and rows is None:
+            # (The model passes rope_half only when the fused path and the backend's q
+            # prologue are both on.) k's norm + rotary in place into qkv; q's are applied by
+            # the attention kernel as it loads each query tile, so q is read once and never
+            # written back.
             fused_ops.qk_norm_rope_(
                 qkv[:, self.q_size :], self.q_norm.weight, self.k_norm.weight, cos, sin,
                 0, self.num_kv_heads, self.head_dim, self.k_norm.eps,
             )  # fmt: skip
             rope = QNormRope(self.q_norm.weight, rope_half[0], rope_half[1], self.q_norm.eps)
             return self.o_proj(self.attn(q, k, v, meta, q_norm_rope=rope))
-        if fused:
+        if fused_ops.should_fuse(self.fused, qkv):
             # q/k norm + rotary in one kernel, written in place into qkv (so into q and k).
             fused_ops.qk_norm_rope_(
                 qkv, self.q_norm.weight, self.k_norm.weight, cos, sin,
