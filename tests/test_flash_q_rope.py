@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 from slipstream.kernels import flash_attn as fa  # noqa: E402
 from slipstream.kernels import fused as F  # noqa: E402
 from slipstream.layers.rotary import RotaryEmbedding  # noqa: E402
+from tests.attention_ref import cu_from_lens, reference  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -47,11 +48,7 @@ def _case(
     assert torch.equal(ch, cos[:, : d // 2].to(dtype)) and torch.equal(
         cos[:, : d // 2], cos[:, d // 2 :]
     )
-    cu = [0]
-    for n in lens:
-        cu.append(cu[-1] + n)
-    cu_t = torch.tensor(cu, dtype=torch.int32, device=DEV)
-    return qkv, qw, kw, cos, sin, cu_t, ch, sh
+    return qkv, qw, kw, cos, sin, cu_from_lens(lens, DEV), ch, sh
 
 
 def _views(qkv: torch.Tensor, hq: int, hkv: int, d: int) -> tuple[torch.Tensor, ...]:
@@ -60,22 +57,6 @@ def _views(qkv: torch.Tensor, hq: int, hkv: int, d: int) -> tuple[torch.Tensor, 
     k = qkv[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
     v = qkv[:, (hq + hkv) * d :].view(t, hkv, d)
     return q, k, v
-
-
-def _ref_attention(q, k, v, lens, causal, scale):  # type: ignore[no-untyped-def]
-    out = torch.empty(q.shape, dtype=torch.float64, device=q.device)
-    group = q.shape[1] // k.shape[1]
-    s = 0
-    for n in lens:
-        qs = q[s : s + n].double().transpose(0, 1)
-        ks = k[s : s + n].double().repeat_interleave(group, 1).transpose(0, 1)
-        vs = v[s : s + n].double().repeat_interleave(group, 1).transpose(0, 1)
-        sc = qs @ ks.transpose(1, 2) * scale
-        if causal:
-            sc = sc.masked_fill(torch.ones(n, n, device=q.device).triu(1).bool(), float("-inf"))
-        out[s : s + n] = (sc.softmax(-1) @ vs).transpose(0, 1)
-        s += n
-    return out
 
 
 LENS = [[1], [3, 1, 17], [40, 5, 1, 33]]
@@ -114,7 +95,7 @@ def test_prologue_equals_rotating_q_first(
     assert torch.equal(qkv, raw), "the prologue wrote q (or k/v)"
     # Same tile values into the same kernel config: the results are identical.
     assert torch.equal(out, want)
-    ref = _ref_attention(q_r, k_r, v_r, lens, causal, d**-0.5)
+    ref = reference(q_r, k_r, v_r, cu, cu, causal, d**-0.5)
     assert (out.double() - ref).abs().max().item() <= TOL[dtype]
 
 
@@ -277,5 +258,5 @@ def test_gpu_prologue_qwen3_heads_autotuned(variant: str, monkeypatch: pytest.Mo
     )  # fmt: skip
     assert not torch.isnan(got).any()
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
-    ref = _ref_attention(q_r, k_r, v_r, lens, True, d**-0.5)
+    ref = reference(q_r, k_r, v_r, cu, cu, True, d**-0.5)
     assert (got.double() - ref).abs().max().item() <= 3e-2
