@@ -15,31 +15,17 @@ import io
 import pstats
 
 import torch
+from _gpu_workload import add_args, warm_engine
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--workload", default="short")
-    ap.add_argument("--items", type=int, default=4000)
-    ap.add_argument("--quantization", default=None)
+    add_args(ap, workload="short", items=4000)
     ap.add_argument("--top", type=int, default=45)
     ap.add_argument("--out", default=None, help="write the report here too")
     args = ap.parse_args()
 
-    from slipstream import Engine
-    from slipstream.bench.workloads import make_workload
-
-    engine = Engine(args.model, device="cuda", dtype="bfloat16", quantization=args.quantization)
-    wl = make_workload(
-        args.workload,
-        args.items,
-        vocab_size=engine.model_config.vocab_size,
-        max_len=engine.max_input_tokens,
-        seed=0,
-    )
-    engine.embed_token_ids(wl.token_ids, show_progress=False)
-    torch.cuda.synchronize()
+    engine, wl = warm_engine(args)
     prof = cProfile.Profile()
     prof.enable()
     engine.embed_token_ids(wl.token_ids, show_progress=False)

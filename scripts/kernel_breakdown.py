@@ -15,6 +15,7 @@ import re
 import time
 
 import torch
+from _gpu_workload import add_args, warm_engine
 
 CATEGORIES = [
     ("attention", re.compile(r"flash|attn|_fwd_kernel", re.I)),
@@ -37,36 +38,12 @@ def category(name: str) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--workload", default="mixed")
-    ap.add_argument("--items", type=int, default=400)
-    ap.add_argument("--quantization", default=None)
-    ap.add_argument("--max-batch-tokens", type=int, default=16384)
-    ap.add_argument("--fp8-skip-layers", type=int, default=None)
+    add_args(ap)
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from slipstream import Engine
-    from slipstream.bench.workloads import make_workload
-
-    engine = Engine(
-        args.model,
-        device="cuda",
-        dtype="bfloat16",
-        quantization=args.quantization,
-        max_batch_tokens=args.max_batch_tokens,
-        **({} if args.fp8_skip_layers is None else {"fp8_skip_layers": args.fp8_skip_layers}),
-    )
-    wl = make_workload(
-        args.workload,
-        args.items,
-        vocab_size=engine.model_config.vocab_size,
-        max_len=engine.max_input_tokens,
-        seed=0,
-    )
+    engine, wl = warm_engine(args)
     seqs = wl.token_ids
-    engine.embed_token_ids(seqs, show_progress=False)
-    torch.cuda.synchronize()
     walls = []
     for _ in range(3):
         t0 = time.perf_counter()
