@@ -18,7 +18,7 @@ class RotaryEmbedding(nn.Module):
         # built once per device on first use, so a forward never reads positions back to the
         # host (no device sync, and CUDA-graph capture safe). Not a parameter, not loaded.
         self._cos_sin: torch.Tensor | None = None
-        self._half: dict[torch.dtype, torch.Tensor] | None = None  # cos_sin_half's tables
+        self._half: dict[torch.dtype, torch.Tensor] = {}  # cos_sin_half's tables
 
     def _inv_freq(self, device: torch.device) -> torch.Tensor:
         # Same float32 expression as transformers' default rope, so positions match exactly.
@@ -47,11 +47,11 @@ class RotaryEmbedding(nn.Module):
         two halves are equal), cast as ``rotate`` casts them. For kernels that read the tables
         once per tile (the flash kernel's q prologue)."""
         half = self.head_dim // 2
-        cache = self._half.get(dtype) if self._half is not None else None
+        cache = self._half.get(dtype)
         table = self.table(positions.device)
         if cache is None or cache.device != table.device:
             cache = table[:, :, :half].to(dtype)  # [2, max_positions, D/2]
-            self._half = (self._half or {}) | {dtype: cache}
+            self._half[dtype] = cache
         cs = cache[:, positions]
         return cs[0], cs[1]
 
