@@ -7,7 +7,9 @@ Variants: leading layers kept in bf16 (`fp8_skip_layers`), fast accumulation in 
 (SLIPSTREAM_FP8_FAST_ACCUM), the fused norm/activation quantisation hand-over (`takes_fp8_rows`)
 on or off, 65,536-token forwards, and q's norm + rotary in the attention kernel
 (SLIPSTREAM_FLASH_QROPE, on by default) or in the separate qk kernel, and CUDA graphs for the
-embedding forwards (on by default) or eager forwards. The bf16 engine runs first and gives the reference
+embedding forwards (on by default) or eager forwards, the residual add in the o_proj/down_proj
+GEMM epilogue (SLIPSTREAM_RESIDUAL_GEMM, on by default) or in the norm kernels, and the attention
+hot loop software-pipelined by one key block (SLIPSTREAM_FLASH_PIPE). The bf16 engine runs first and gives the reference
 vectors; each engine is freed before the next is built.
 """
 
@@ -46,6 +48,14 @@ VARIANTS = [
     ("bf16 no-graphs", {"disable_cuda_graph": True}, {}, True),
     ("fp8 skip2 no-graphs", {"quantization": "fp8", "fp8_skip_layers": 2,
                              "disable_cuda_graph": True}, {}, True),
+    # the residual add in o_proj's / down_proj's GEMM epilogue (default) vs add+norm kernels
+    ("bf16 no-resgemm", {}, {"SLIPSTREAM_RESIDUAL_GEMM": "0"}, True),
+    ("fp8 skip2 no-resgemm", {"quantization": "fp8", "fp8_skip_layers": 2},
+     {"SLIPSTREAM_RESIDUAL_GEMM": "0"}, True),
+    # the attention hot loop software-pipelined by one key block
+    ("bf16 pipe", {}, {"SLIPSTREAM_FLASH_PIPE": "1"}, True),
+    ("fp8 skip2 pipe", {"quantization": "fp8", "fp8_skip_layers": 2},
+     {"SLIPSTREAM_FLASH_PIPE": "1"}, True),
 ]  # fmt: skip
 
 

@@ -480,22 +480,73 @@ def _hidden(
         return engine.runner.model(ids, pos, meta).float()
 
 
-def test_qwen3_fused_matches_torch_path(tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("residual_gemm", ["1", "0"])
+def test_qwen3_fused_matches_torch_path(
+    tiny_qwen3: Path, residual_gemm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from slipstream.layers.linear import Linear
+
     calls: dict[str, int] = {}
-    for name in ("rmsnorm", "fused_add_rmsnorm", "qk_norm_rope_", "silu_and_mul"):
-        real = getattr(F, name)
+
+    def count(owner: object, name: str) -> None:
+        real = getattr(owner, name)
 
         def counted(*a, _real=real, _name=name, **k):  # type: ignore[no-untyped-def]
             calls[_name] = calls.get(_name, 0) + 1
             return _real(*a, **k)
 
-        monkeypatch.setattr(F, name, counted)
+        monkeypatch.setattr(owner, name, counted)
+
+    for name in ("rmsnorm", "fused_add_rmsnorm", "qk_norm_rope_", "silu_and_mul"):
+        count(F, name)
+    count(Linear, "add_into_")
+    monkeypatch.setenv("SLIPSTREAM_RESIDUAL_GEMM", residual_gemm)
     ref = _hidden(tiny_qwen3, "float32", "0", monkeypatch)
     assert not calls
     got = _hidden(tiny_qwen3, "float32", "always", monkeypatch)
-    # 2 layers: layer 0's input norm is plain; 3 add+norms in the layers and the final one
-    assert calls == {"rmsnorm": 1, "fused_add_rmsnorm": 4, "qk_norm_rope_": 2, "silu_and_mul": 2}
+    if residual_gemm == "1":
+        # 2 layers: o_proj and down_proj add into the residual stream in their GEMMs (4
+        # calls), so every norm is a plain one: 2 per layer and the final one.
+        assert calls == {"rmsnorm": 5, "add_into_": 4, "qk_norm_rope_": 2, "silu_and_mul": 2}
+    else:
+        # layer 0's input norm is plain; 3 add+norms in the layers and the final one
+        assert calls == {
+            "rmsnorm": 1, "fused_add_rmsnorm": 4, "qk_norm_rope_": 2, "silu_and_mul": 2
+        }  # fmt: skip
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_qwen3_residual_stream_layer_kinds_mix(
+    tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A layer that adds into the stream after one that returns (x, residual), and the
+    reverse, both for the full output and for the last-token rows path."""
+    from slipstream import Engine
+    from slipstream.attention import AttentionMetadata
+
+    monkeypatch.setenv("SLIPSTREAM_FUSED", "0")
+    ref_engine = Engine(tiny_qwen3, device=DEV, dtype="float32")
+    monkeypatch.setenv("SLIPSTREAM_FUSED", "always")
+    engine = Engine(tiny_qwen3, device=DEV, dtype="float32")
+    seqs = [[5, 17, 300, 2, 999], [1], [8, 9, 10, 11, 12, 13, 14, 3]]
+    meta = AttentionMetadata.from_seq_lens([len(s) for s in seqs], causal=True, device=DEV)
+    ids = torch.tensor([t for s in seqs for t in s], device=DEV)
+    pos = torch.tensor([p for s in seqs for p in range(len(s))], device=DEV)
+    with torch.inference_mode():
+        want = ref_engine.runner.model(ids, pos, meta)
+        want_last = ref_engine.runner.model(ids, pos, meta, last_token_only=True)
+        layers = engine.runner.model.layers
+        assert len(layers) == 2
+        for kinds in ((False, True), (True, False)):
+            for layer, on in zip(layers, kinds, strict=True):
+                layer.residual_gemm = on
+            got = engine.runner.model(ids, pos, meta)
+            got_last = engine.runner.model(ids, pos, meta, last_token_only=True)
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(got_last, want_last, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(
+                got_last, got[torch.tensor([4, 5, 13])], rtol=1e-5, atol=1e-5
+            )
 
 
 # ----------------------------------------------------------------------------- GPU (bf16)

@@ -58,3 +58,14 @@ class Linear(PartitionedOutput, nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
+
+    def add_into_(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out += x W^T`` in place, as one GEMM whose epilogue adds ``out`` (BLAS beta = 1).
+
+        The residual add of a pre-norm block rides on the projection this way: no separate
+        output tensor, and the following norm reads one tensor instead of two. The sum is
+        rounded once (the unfused path rounds the product, then the sum). The caller sees
+        to the rest: no bias, 2-D operands of the weight's dtype, and a dense ``out`` of shape
+        [rows, out_features] (BLAS would work on a copy of a strided one).
+        """
+        return out.addmm_(x, self.weight.t())

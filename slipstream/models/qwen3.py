@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import nn
 
@@ -45,7 +47,8 @@ class Qwen3Attention(nn.Module):
         meta: AttentionMetadata,
         rows: torch.Tensor | None = None,  # [B] int64: compute the output for these rows only
         rope_half: tuple[torch.Tensor, torch.Tensor] | None = None,  # for the q prologue
-    ) -> torch.Tensor:  # [T, hidden], or [B, hidden] with rows
+        add_to: torch.Tensor | None = None,  # residual stream: o_proj's output is added into it
+    ) -> torch.Tensor:  # [T, hidden], or [B, hidden] with rows (``add_to`` itself if given)
         qkv = self.qkv_proj(x)  # [T, q + 2 kv]
         t = qkv.shape[0]
         q = qkv[:, : self.q_size].view(t, self.num_heads, self.head_dim)
@@ -63,7 +66,7 @@ class Qwen3Attention(nn.Module):
                 0, self.num_kv_heads, self.head_dim, self.k_norm.eps,
             )  # fmt: skip
             rope = QNormRope(self.q_norm.weight, rope_half[0], rope_half[1], self.q_norm.eps)
-            return self.o_proj(self.attn(q, k, v, meta, q_norm_rope=rope))
+            return _project(self.o_proj, self.attn(q, k, v, meta, q_norm_rope=rope), add_to)
         if fused_ops.should_fuse(self.fused, qkv):
             # q/k norm + rotary in one kernel, written in place into qkv (so into q and k).
             fused_ops.qk_norm_rope_(
@@ -75,7 +78,7 @@ class Qwen3Attention(nn.Module):
             k = RotaryEmbedding.rotate(self.k_norm(k), cos, sin)
         # v stays a strided view of qkv: backends read it through its strides, no copy.
         if rows is None:
-            return self.o_proj(self.attn(q, k, v, meta))
+            return _project(self.o_proj, self.attn(q, k, v, meta), add_to)
         # Only the rows that are pooled need an output: one query per sequence (its last
         # token) against all of that sequence's keys, bottom-right aligned, so the query
         # sees every key. The gather copies B rows, not T.
@@ -89,7 +92,7 @@ class Qwen3Attention(nn.Module):
             seq_lens_k=meta.seq_lens_k,
             causal=meta.causal,
         )
-        return self.o_proj(self.attn(q[rows], k, v, meta_rows))
+        return _project(self.o_proj, self.attn(q[rows], k, v, meta_rows), add_to)
 
 
 class Qwen3MLP(nn.Module):
@@ -101,12 +104,22 @@ class Qwen3MLP(nn.Module):
         self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size)
         self.fused = fused_ops.fusion_mode()
 
-    def forward(self, x: torch.Tensor | Fp8Rows) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor | Fp8Rows, add_to: torch.Tensor | None = None
+    ) -> torch.Tensor:
         # fp8: the fused activation kernel hands down_proj its input already quantised.
         act = silu_and_mul(
             self.gate_up_proj(x), fused=self.fused, fp8=self.down_proj.takes_fp8_rows
         )
-        return self.down_proj(act)
+        return _project(self.down_proj, act, add_to)
+
+
+def _project(proj: Linear, x: torch.Tensor, add_to: torch.Tensor | None) -> torch.Tensor:
+    """``proj(x)``, or with ``add_to`` (the residual stream) ``add_to += proj(x)`` in place
+    through the GEMM epilogue (the caller checked ``proj.can_add_into``)."""
+    if add_to is None:
+        return proj(x)
+    return proj.add_into_(x, add_to)
 
 
 class Qwen3DecoderLayer(nn.Module):
@@ -116,6 +129,30 @@ class Qwen3DecoderLayer(nn.Module):
         self.self_attn = Qwen3Attention(cfg, backend, debug_checks)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = Qwen3MLP(cfg)
+        self.fused = fused_ops.fusion_mode()
+        # The residual add rides on o_proj's and down_proj's GEMM epilogue where it can
+        # (see `_forward_stream`). SLIPSTREAM_RESIDUAL_GEMM=0 turns it off (A/B).
+        self.residual_gemm = os.environ.get("SLIPSTREAM_RESIDUAL_GEMM", "1") != "0"
+
+    def _adds_into_stream(self, x: torch.Tensor) -> bool:
+        # Only where the fused kernels run (so SLIPSTREAM_FUSED=0 keeps the reference
+        # numerics), and only when both projections are plain bias-free Linear layers of the
+        # activation dtype: an fp8 GEMM has no accumulate-into-C form in torch.
+        if not (
+            self.residual_gemm
+            and x.dim() == 2
+            and x.is_contiguous()
+            and fused_ops.should_fuse(self.fused, x)
+        ):
+            return False
+        o_proj, down_proj = self.self_attn.o_proj, self.mlp.down_proj
+        return (
+            isinstance(o_proj, Linear)
+            and isinstance(down_proj, Linear)
+            and o_proj.bias is None
+            and down_proj.bias is None
+            and o_proj.weight.dtype == x.dtype == down_proj.weight.dtype
+        )
 
     def forward(
         self,
@@ -126,7 +163,12 @@ class Qwen3DecoderLayer(nn.Module):
         meta: AttentionMetadata,
         rows: torch.Tensor | None = None,
         rope_half: tuple[torch.Tensor, torch.Tensor] | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns (x, residual) for the next layer. ``residual is None`` means ``x`` is the
+        whole residual stream (after the embedding, and after a layer that added its outputs
+        into the stream itself)."""
+        if self._adds_into_stream(x):
+            return self._forward_stream(x, residual, cos, sin, meta, rows, rope_half), None
         # With fp8 GEMMs the norms quantise their output for the projection that reads it.
         fp8_in = self.self_attn.qkv_proj.takes_fp8_rows
         if residual is None:
@@ -140,6 +182,28 @@ class Qwen3DecoderLayer(nn.Module):
         fp8_mlp = self.mlp.gate_up_proj.takes_fp8_rows
         h, residual = self.post_attention_layernorm.forward_residual(a, residual, fp8=fp8_mlp)
         return self.mlp(h), residual
+
+    def _forward_stream(
+        self,
+        x: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        meta: AttentionMetadata,
+        rows: torch.Tensor | None,
+        rope_half: tuple[torch.Tensor, torch.Tensor] | None,
+    ) -> torch.Tensor:
+        # o_proj and down_proj add their outputs into the stream in their GEMM epilogues, so
+        # each norm reads one tensor (the stream) and writes one (its output), where the
+        # add-then-norm kernel reads two and writes two. The stream is updated in place: it is
+        # this layer's own tensor (the embedding output, or the previous layer's stream).
+        stream = x if residual is None else x + residual  # after a layer of the other kind
+        h = self.input_layernorm(stream)
+        if rows is not None:
+            stream = stream[rows]  # the gathered rows: a new tensor, the one returned
+        stream = self.self_attn(h, cos, sin, meta, rows, rope_half, add_to=stream)
+        h = self.post_attention_layernorm(stream)
+        return self.mlp(h, add_to=stream)
 
 
 class Qwen3Model(nn.Module):
