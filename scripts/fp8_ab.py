@@ -8,8 +8,7 @@ Variants: leading layers kept in bf16 (`fp8_skip_layers`), fast accumulation in 
 on or off, 65,536-token forwards, and q's norm + rotary in the attention kernel
 (SLIPSTREAM_FLASH_QROPE, on by default) or in the separate qk kernel, and CUDA graphs for the
 embedding forwards (on by default) or eager forwards, the residual add in the o_proj/down_proj
-GEMM epilogue (SLIPSTREAM_RESIDUAL_GEMM, on by default) or in the norm kernels, and the attention
-hot loop software-pipelined by one key block (SLIPSTREAM_FLASH_PIPE). The bf16 engine runs first and gives the reference
+GEMM epilogue (SLIPSTREAM_RESIDUAL_GEMM, on by default) or in the norm kernels. The bf16 engine runs first and gives the reference
 vectors; each engine is freed before the next is built.
 """
 
@@ -52,10 +51,6 @@ VARIANTS = [
     ("bf16 no-resgemm", {}, {"SLIPSTREAM_RESIDUAL_GEMM": "0"}, True),
     ("fp8 skip2 no-resgemm", {"quantization": "fp8", "fp8_skip_layers": 2},
      {"SLIPSTREAM_RESIDUAL_GEMM": "0"}, True),
-    # the attention hot loop software-pipelined by one key block
-    ("bf16 pipe", {}, {"SLIPSTREAM_FLASH_PIPE": "1"}, True),
-    ("fp8 skip2 pipe", {"quantization": "fp8", "fp8_skip_layers": 2},
-     {"SLIPSTREAM_FLASH_PIPE": "1"}, True),
 ]  # fmt: skip
 
 

@@ -4,7 +4,7 @@
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
-#           tests-round4 attn-pipe round4-ab
+#           tests-round4 round4-ab tests-gen
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -137,19 +137,21 @@ for stage in $STAGES; do
     log "pytest -m gpu: models, fused kernels, graphs, attention prologue"
     $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu_models.py tests/test_kernels_fused.py \
       tests/test_embed_graph.py tests/test_flash_q_rope.py tests/test_fp8.py 2>&1 | tee "$RES/pytest_gpu_round4.log"
-    SLIPSTREAM_FLASH_PIPE=1 $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_flash_attn.py \
-      tests/test_flash_q_rope.py 2>&1 | tail -5 | tee "$RES/pytest_gpu_pipe.log"
     ;;
   round4-ab)
     need_ckpt || continue
-    log "A/B: residual add in the GEMM epilogue, pipelined attention loop (one process)"
+    log "A/B: residual add in the GEMM epilogue (one process)"
     $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 --repeats 5 \
-      --only "bf16 no-resgemm,bf16 pipe,fp8 skip2,fp8 skip2 no-resgemm,fp8 skip2 pipe" \
+      --only "bf16 no-resgemm,fp8 skip2,fp8 skip2 no-resgemm" \
       --json "$RES/round4_ab_mixed.json" 2>&1 | tee "$RES/round4_ab_mixed.log"
     ;;
-  attn-ws|attn-pipe)
+  tests-gen)
+    log "pytest -m gpu: generation (decode graphs, paged attention, sampling)"
+    $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_generation.py tests/test_generation_sampling.py \
+      tests/test_kernels_paged.py 2>&1 | tee "$RES/pytest_gpu_gen.log"
+    ;;
+  attn-ws)
     sw=SLIPSTREAM_FLASH_WS
-    [ "$stage" = attn-pipe ] && sw=SLIPSTREAM_FLASH_PIPE
     for on in 0 1; do
       log "attention bench, $sw=$on"
       env $sw=$on $PY benchmarks/attention_bench.py --variants base,gqa_pack --cases a,b \

@@ -283,34 +283,6 @@ def test_block_shapes(config: tuple[int, int], causal: bool, variant: str) -> No
 
 
 @needs_interpreter
-@pytest.mark.parametrize("variant", VARIANTS)
-@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
-@pytest.mark.parametrize("config", [(16, 16), (32, 16)], ids=str)
-def test_pipelined_hot_loop(
-    config: tuple[int, int], causal: bool, variant: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    # SLIPSTREAM_FLASH_PIPE=1: the unmasked loop issues block j+1's QK^T before block j's
-    # softmax. Lengths give 0, 1, 2 and many full key blocks before the diagonal (the loop's
-    # prologue/epilogue with no iteration in between), prefixes included.
-    monkeypatch.setenv("SLIPSTREAM_FLASH_PIPE", "1")
-    fa._build_kernels()
-    real = fa._attn_fwd_inner_pipelined
-    calls = []
-
-    def counted(*a, **k):  # type: ignore[no-untyped-def]
-        calls.append(1)
-        return real(*a, **k)
-
-    monkeypatch.setattr(fa, "_attn_fwd_inner_pipelined", counted)
-    run_and_check(
-        [1, 16, 17, 33, 47, 5], [1, 16, 40, 33, 90, 21], 4, 2, 64, causal, config=config,
-        variant=variant,
-    )  # fmt: skip
-    run_and_check([64, 3], None, 2, 2, 32, causal, config=config, variant=variant)
-    assert calls, "the pipelined loop never ran"
-
-
-@needs_interpreter
 def test_custom_softmax_scale() -> None:
     run_and_check([7, 20], None, 2, 1, 64, True, scale=0.3)
     run_and_check([7, 20], None, 2, 1, 64, False, scale=0.3)

@@ -173,50 +173,6 @@ def _attn_fwd_inner(
     return acc, l_i, m_i
 
 
-def _attn_fwd_inner_pipelined(
-    acc,
-    l_i,
-    m_i,
-    q,  # [BLOCK_M, HEAD_DIM]
-    k_ptrs,  # [HEAD_DIM, BLOCK_N] pointers to key block 0 (transposed view)
-    v_ptrs,  # [BLOCK_N, HEAD_DIM] pointers to value block 0
-    stride_kt,
-    stride_vt,
-    lo,
-    hi,  # > lo, a multiple of BLOCK_N past lo: every block in range is full and visible
-    qk_scale,
-    BLOCK_N: tl.constexpr,
-):
-    # The unmasked hot loop, software-pipelined by one key block (SLIPSTREAM_FLASH_PIPE=1):
-    # the scores of block j+1 are asked of the tensor cores before the softmax of block j, so
-    # that (with Hopper's asynchronous wgmma) the exponentials of one block run while the
-    # next block's QK^T multiply is in flight. Same math, in the same order per block, as
-    # `_attn_fwd_inner` with MASKED=False.
-    qk = tl.dot(q, tl.load(k_ptrs + lo * stride_kt))
-    for start_n in tl.range(lo, hi - BLOCK_N, BLOCK_N):
-        start_n = tl.multiple_of(start_n, BLOCK_N)
-        k_next = tl.load(k_ptrs + (start_n + BLOCK_N) * stride_kt)
-        qk_next = tl.dot(q, k_next)
-        m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-        p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-        alpha = tl.math.exp2(m_i - m_ij)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
-        v = tl.load(v_ptrs + start_n * stride_vt)
-        acc = tl.dot(p.to(v.dtype), v, acc)
-        m_i = m_ij
-        qk = qk_next
-    # the last block of the range
-    m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.math.exp2(qk * qk_scale - m_ij[:, None])
-    alpha = tl.math.exp2(m_i - m_ij)
-    l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None]
-    v = tl.load(v_ptrs + (hi - BLOCK_N) * stride_vt)
-    acc = tl.dot(p.to(v.dtype), v, acc)
-    return acc, l_i, m_ij
-
-
 def _load_q_norm_rope(
     row_ptrs,  # [BLOCK_M] pointers to element 0 of each row's query head
     cos_rows,  # [BLOCK_M] pointers to each row's cos row ([D/2]: NeoX halves are equal)
@@ -287,7 +243,6 @@ def _flash_attn_varlen_fwd_kernel(
     BLOCK_N: tl.constexpr,
     WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
     Q_ROPE: tl.constexpr = False,  # q RMSNorm + rotary applied while loading the Q tile
-    PIPE: tl.constexpr = False,  # software-pipelined hot loop (SLIPSTREAM_FLASH_PIPE=1)
 ):
     # 1-D grid of num_heads_q * NV programs over "virtual" query blocks. Sequence b owns the
     # virtual blocks [cu_q[b] // BLOCK_M + b, cu_q[b+1] // BLOCK_M + b + 1): at least
@@ -361,18 +316,11 @@ def _flash_attn_varlen_fwd_kernel(
         full_hi = seqlen_k // BLOCK_N * BLOCK_N
         masked_hi = seqlen_k
 
-    if PIPE:
-        if full_hi > 0:
-            acc, l_i, m_i = _attn_fwd_inner_pipelined(
-                acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, full_hi, qk_scale,
-                BLOCK_N=BLOCK_N,
-            )  # fmt: skip
-    else:
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
-            0, full_hi, seqlen_k, causal_shift, qk_scale,
-            BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
-        )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
+        0, full_hi, seqlen_k, causal_shift, qk_scale,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
+    )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
         full_hi, masked_hi, seqlen_k, causal_shift, qk_scale,
@@ -420,7 +368,6 @@ def _flash_attn_varlen_fwd_packed_kernel(
     PACK: tl.constexpr,  # query heads (sharing one kv head) stacked into one Q tile
     WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
     Q_ROPE: tl.constexpr = False,  # q RMSNorm + rotary applied while loading the Q tile
-    PIPE: tl.constexpr = False,  # software-pipelined hot loop (SLIPSTREAM_FLASH_PIPE=1)
 ):
     # Variant "gqa_pack": like the base kernel, but one program owns PACK query heads that read
     # the same kv head (PACK divides group_size). Their rows are stacked into one Q tile,
@@ -493,18 +440,11 @@ def _flash_attn_varlen_fwd_packed_kernel(
         full_hi = seqlen_k // BLOCK_N * BLOCK_N
         masked_hi = seqlen_k
 
-    if PIPE:
-        if full_hi > 0:
-            acc, l_i, m_i = _attn_fwd_inner_pipelined(
-                acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, 0, full_hi, qk_scale,
-                BLOCK_N=BLOCK_N,
-            )  # fmt: skip
-    else:
-        acc, l_i, m_i = _attn_fwd_inner(
-            acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
-            0, full_hi, seqlen_k, causal_shift, qk_scale,
-            BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
-        )  # fmt: skip
+    acc, l_i, m_i = _attn_fwd_inner(
+        acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
+        0, full_hi, seqlen_k, causal_shift, qk_scale,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
+    )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
         full_hi, masked_hi, seqlen_k, causal_shift, qk_scale,
@@ -645,7 +585,7 @@ def _build_kernels() -> Any:
     # The main kernel resolves `_attn_fwd_inner` through this module's globals at compile
     # time, so the jitted helper must be installed under that name before the first launch.
     # (Under TRITON_INTERPRET=1 triton.jit returns an InterpretedFunction instead.)
-    for helper in ("_attn_fwd_inner", "_attn_fwd_inner_pipelined", "_load_q_norm_rope"):
+    for helper in ("_attn_fwd_inner", "_load_q_norm_rope"):
         if isinstance(g[helper], types.FunctionType):
             g[helper] = triton.jit(g[helper])
     if isinstance(g["_flash_attn_varlen_fwd_kernel"], types.FunctionType):
@@ -711,7 +651,7 @@ def _autotuned_kernel(head_dim: int, variant: str = "base") -> Any:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in _variant_configs(variant, head_dim)
     ]
-    key = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET_Q", "SEQ_BUCKET_K", "Q_ROPE", "PIPE"]
+    key = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET_Q", "SEQ_BUCKET_K", "Q_ROPE"]
     if variant == "gqa_pack":
         key.append("PACK")
     # The base variant keeps exactly its historical tuning (no pruning).
@@ -1156,8 +1096,6 @@ def _launch(
     meta = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal), "Q_ROPE": q_rope}
     if os.environ.get("SLIPSTREAM_FLASH_WS", "0") == "1" and not _interpret_mode():
         meta["WS"] = True
-    if os.environ.get("SLIPSTREAM_FLASH_PIPE", "0") == "1":
-        meta["PIPE"] = True
 
     if config is None:
         config = _INTERPRETER_BLOCKS if _interpret_mode() else _env_config(head_dim, variant)
