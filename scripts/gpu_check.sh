@@ -4,7 +4,7 @@
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
-#           tests-round4 round4-ab tests-gen
+#           tests-round4 round4-ab tests-gen tests-graphs bert-graphs
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -144,6 +144,16 @@ for stage in $STAGES; do
     $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 --repeats 5 \
       --only "bf16 no-resgemm,fp8 skip2,fp8 skip2 no-resgemm" \
       --json "$RES/round4_ab_mixed.json" 2>&1 | tee "$RES/round4_ab_mixed.log"
+    ;;
+  tests-graphs)
+    log "pytest -m gpu: embedding graphs (Qwen3 and BERT), BERT models, bench smoke"
+    $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_embed_graph.py tests/test_models_bert.py \
+      tests/test_bench_embed.py 2>&1 | tee "$RES/pytest_gpu_graphs.log"
+    ;;
+  bert-graphs)
+    log "A/B: embedding graphs for a MiniLM-shaped BERT (mean pooling), short workload"
+    $PY scripts/bert_graphs_ab.py --workload short --items 4000 --json "$RES/bert_graphs_ab_short.json" \
+      2>&1 | tee "$RES/bert_graphs_ab_short.log"
     ;;
   tests-gen)
     log "pytest -m gpu: generation (decode graphs, paged attention, sampling)"

@@ -177,10 +177,9 @@ def measure_time_breakdown(engine: Any, seqs: list[list[int]]) -> dict[str, Any]
                     _sync(device)
                     t1 = time.perf_counter()
                     if pooled_forward is not None:  # the engine's forward (last-layer pruning)
-                        pooled = pooled_forward(ids, pos, meta, batch.seq_lens)
+                        pooled = pooled_forward(ids, pos, meta)
                     else:
-                        pooled = pool(engine.runner.model(ids, pos, meta), meta.cu_seqlens_q,
-                                      batch.seq_lens, mode)  # fmt: skip
+                        pooled = pool(engine.runner.model(ids, pos, meta), meta.cu_seqlens_q, mode)
                 _sync(device)
                 t2 = time.perf_counter()
                 vecs = postprocess(pooled, True, None)

@@ -19,8 +19,9 @@ first-use checks), then the graph is captured; later forwards of that key replay
 share one memory pool (they never run concurrently, and each rewrites its intermediates before
 reading them); at most ``MAX_GRAPHS`` are kept, least recently used dropped first.
 
-Only for the last-token pooling of decoder models (the pooled forward reads device tensors
-only) with a capture-safe attention backend; other models and settings run eagerly.
+For every model and pooling mode (the pooled forward, `ModelRunner.pooled_forward`, reads
+device tensors only: last-token pooling of the decoder models, and CLS / mean pooling through
+`layers.pooler.pool`), with a capture-safe attention backend; other settings run eagerly.
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ from __future__ import annotations
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 
 from slipstream.attention.base import AttentionMetadata
 from slipstream.engine.batch import Batch
@@ -59,15 +60,19 @@ def graph_key(batch: Batch, max_tokens: int, max_seqs: int) -> tuple[int, int, i
     return (t_b, b_b, seq_bucket(max(batch.max_seqlen, t_b - t)))
 
 
-def padded_inputs(batch: Batch, t_b: int, b_b: int) -> tuple[np.ndarray, np.ndarray]:
+def padded_inputs(
+    batch: Batch, t_b: int, b_b: int, max_positions: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Host arrays for the static buffers: int64 [2, T_b] (token ids; positions) and int32
     cu_seqlens [B_b + 1]. Padding tokens are id 0 at positions 0.. of one dummy sequence after
-    the real ones; the sequences after it are empty."""
+    the real ones (modulo ``max_positions``, so a model with a short position table can look
+    them up); the sequences after it are empty."""
     t = batch.num_tokens
     both = np.zeros((2, t_b), dtype=np.int64)
     both[0, :t] = batch.token_ids
     both[1, :t] = batch.positions
-    both[1, t:] = np.arange(t_b - t)
+    pad_pos = np.arange(t_b - t)
+    both[1, t:] = pad_pos % max_positions if max_positions else pad_pos
     cu = np.full(b_b + 1, t_b, dtype=np.int32)
     cu[: batch.num_seqs + 1] = batch.cu_seqlens
     return both, cu
@@ -76,14 +81,17 @@ def padded_inputs(batch: Batch, t_b: int, b_b: int) -> tuple[np.ndarray, np.ndar
 class EmbedCudaGraphs:
     def __init__(
         self,
-        model: nn.Module,
+        pooled_forward: Callable[[torch.Tensor, torch.Tensor, AttentionMetadata], torch.Tensor],
         device: torch.device,
         max_tokens: int,
         max_seqs: int,
         causal: bool,
         max_graphs: int = MAX_GRAPHS,
+        max_positions: int | None = None,
     ) -> None:
-        self.model = model
+        # pooled_forward(ids, positions, meta) -> float32 [B, hidden], from device tensors only
+        self.pooled_forward = pooled_forward
+        self.max_positions = max_positions
         self.device = device
         self.causal = causal
         self.max_tokens = -(-max_tokens // TOKEN_STEP) * TOKEN_STEP
@@ -108,7 +116,7 @@ class EmbedCudaGraphs:
 
     def _load(self, batch: Batch, t_b: int, b_b: int) -> int:
         """Copy ``batch`` into the static inputs, padded to the bucket; the padding length."""
-        both, cu = padded_inputs(batch, t_b, b_b)
+        both, cu = padded_inputs(batch, t_b, b_b, self.max_positions)
         # Fresh pinned blocks each time: the caching host allocator keeps a block until the copy
         # that reads it has run, so a later forward never overwrites an in-flight copy.
         host = torch.from_numpy(both).pin_memory()
@@ -127,9 +135,7 @@ class EmbedCudaGraphs:
 
     def _forward(self, t_b: int, b_b: int, max_len: int) -> torch.Tensor:
         meta = self._meta(t_b, b_b, max_len)
-        return self.model(
-            self.ids[:t_b], self.pos[:t_b], meta, last_token_only=True
-        ).float()  # [b_b, hidden]
+        return self.pooled_forward(self.ids[:t_b], self.pos[:t_b], meta)  # [b_b, hidden]
 
     @torch.inference_mode()
     def run(self, batch: Batch) -> torch.Tensor | None:

@@ -30,8 +30,8 @@ class ModelRunner:
 
     def _make_embed_graphs(self):  # type: ignore[no-untyped-def]
         """CUDA graphs for embedding forwards, or None where they do not apply: not CUDA, a
-        backend whose packed path is not capture-safe, debug checks (they read the device), or
-        a model whose pooled forward is not the device-only last-token path."""
+        backend whose packed path is not capture-safe, or debug checks (they read the device).
+        The pooled forward reads device tensors only, for every pooling mode."""
         cfg = self.config
         from slipstream.engine.cuda_graph import GRAPH_SAFE_BACKENDS
 
@@ -40,13 +40,17 @@ class ModelRunner:
             and self.device.type == "cuda"
             and cfg.attention_backend in GRAPH_SAFE_BACKENDS
             and not cfg.debug_checks
-            and self._last_token_model()
         ):
             return None
         from slipstream.engine.embed_graph import EmbedCudaGraphs
 
         return EmbedCudaGraphs(
-            self.model, self.device, cfg.max_batch_tokens, cfg.max_batch_size, cfg.model.causal
+            self.pooled_forward,
+            self.device,
+            cfg.max_batch_tokens,
+            cfg.max_batch_size,
+            cfg.model.causal,
+            max_positions=cfg.model.max_position_embeddings,
         )
 
     def _last_token_model(self) -> bool:
@@ -83,7 +87,7 @@ class ModelRunner:
             if pooled is not None:
                 return pooled
         ids, pos, meta = self._device_tensors(batch)
-        return self.pooled_forward(ids, pos, meta, batch.seq_lens)
+        return self.pooled_forward(ids, pos, meta)
 
     @torch.inference_mode()
     def pooled_forward(
@@ -91,13 +95,13 @@ class ModelRunner:
         ids: torch.Tensor,
         pos: torch.Tensor,
         meta: AttentionMetadata,
-        seq_lens: tuple[int, ...],
     ) -> torch.Tensor:
-        """The model and the pooling on device tensors: float32 [B, hidden]."""
+        """The model and the pooling on device tensors: float32 [B, hidden]. Reads no host
+        lengths (``meta``'s host tuples are not used), so a CUDA graph can capture it."""
         mode = self.config.model.pooling.mode
         if self._last_token_model():
             # The model returns the last token of each sequence only (the last layer skips
             # the rows that are not pooled).
             return self.model(ids, pos, meta, last_token_only=True).float()
         hidden = self.model(ids, pos, meta)
-        return pool(hidden, meta.cu_seqlens_q, seq_lens, mode)
+        return pool(hidden, meta.cu_seqlens_q, mode)
