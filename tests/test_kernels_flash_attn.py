@@ -849,3 +849,73 @@ def test_gpu_debug_check_catches_bad_cu_seqlens() -> None:
     bad = cu_from_lens([4, 3], dev)
     with pytest.raises(ValueError, match=r"cu_seqlens_q\[-1\]"):
         flash_attn_varlen(q, k, v, torch.empty_like(q), bad, bad, 4, 4, check=True)
+
+
+# ----------------------------------------------------------------------------------------
+# Experimental fp8 QK^T (SLIPSTREAM_FLASH_QK_FP8=1 in the flash backend)
+# ----------------------------------------------------------------------------------------
+
+
+def _qk_fp8_case(
+    lens: list[int], hq: int, hkv: int, d: int, dtype: torch.dtype, device: str
+) -> tuple[torch.Tensor, ...]:
+    q, k, v = make_qkv(lens, lens, hq, hkv, d, dtype=dtype, device=device, fused=True)
+    descale = (k.abs().amax().float() / 448.0).clamp_min(1e-12).reshape(1)
+    k8 = (k.float() / descale).to(torch.float8_e4m3fn)
+    # What the kernel multiplies: q rounded to e4m3 per row (its amax -> 448), and k8.
+    amax = q.float().abs().amax(-1, keepdim=True).clamp_min(1e-12)
+    q_r = (q.float() * (448.0 / amax)).to(torch.float8_e4m3fn).float() * (amax / 448.0)
+    k_r = k8.float() * descale
+    return q, k, v, k8, descale, q_r, k_r
+
+
+def test_qk_fp8_bad_arguments_are_clear_errors() -> None:
+    lens = [3, 5]
+    q, k, v, k8, descale, _, _ = _qk_fp8_case(lens, 2, 1, 16, torch.float32, "cpu")
+    cu = cu_from_lens(lens)
+    out = torch.empty(q.shape)
+    for bad in (
+        {"k_fp8": k8.float(), "k_descale": descale},  # not fp8
+        {"k_fp8": k8[:4], "k_descale": descale},  # wrong shape
+        {"k_fp8": k8, "k_descale": None},  # no scale
+        {"k_fp8": k8, "k_descale": descale.double()},  # scale dtype
+    ):
+        with pytest.raises(ValueError, match="k_fp8"):
+            fa._launch(q, k, v, out, cu, cu, 5, 5, True, None, **bad)
+
+
+@needs_interpreter
+def test_qk_fp8_runs_in_the_interpreter() -> None:
+    # The interpreter's fp8 tl.dot is not exact (it disagrees with an fp8-rounded matmul by
+    # ~1e-1 on random 16x16 inputs), so this checks the wiring only: every row written, close
+    # to exact attention at fp8-level tolerance. Exactness is a GPU test.
+    lens = [1, 17, 40, 5]
+    q, k, v, k8, descale, _, _ = _qk_fp8_case(lens, 4, 2, 64, torch.float32, "cpu")
+    cu = cu_from_lens(lens)
+    out = torch.full(q.shape, float("nan"))
+    fa._launch(q, k, v, out, cu, cu, 40, 40, True, None, k_fp8=k8, k_descale=descale)
+    assert not torch.isnan(out).any()
+    exact = reference(q.double(), k.double(), v.double(), cu, cu, True, None)
+    assert (out.double() - exact).abs().max().item() < 0.5
+
+
+@gpu
+@needs_cuda
+@pytest.mark.parametrize("variant", ["base", "gqa_pack"])
+def test_gpu_qk_fp8_matches_the_rounded_reference(variant: str) -> None:
+    """bf16, 16 q / 8 kv heads of 128, autotuned: the fp8 QK^T kernel against attention on the
+    same e4m3-rounded q and k (tight), and against exact attention (loose)."""
+    lens = [1, 7, 129, 2000, 64]
+    q, k, v, k8, descale, q_r, k_r = _qk_fp8_case(lens, 16, 8, 128, torch.bfloat16, "cuda")
+    cu = cu_from_lens(lens).cuda()
+    out = torch.full(q.shape, float("nan"), dtype=torch.bfloat16, device="cuda")
+    fa._launch(
+        q, k, v, out, cu, cu, 2000, 2000, True, None, variant=variant, k_fp8=k8,
+        k_descale=descale,
+    )  # fmt: skip
+    assert not torch.isnan(out).any()
+    want = reference(q_r.double(), k_r.double(), v.double(), cu, cu, True, None)
+    exact = reference(q.double(), k.double(), v.double(), cu, cu, True, None)
+    err = (out.double() - want).abs().max().item()
+    assert err < 2e-2, err  # bf16 P and output rounding only
+    assert (out.double() - exact).abs().max().item() < 0.5
