@@ -51,10 +51,6 @@ VARIANTS = [
     ("bf16 no-resgemm", {}, {"SLIPSTREAM_RESIDUAL_GEMM": "0"}, True),
     ("fp8 skip2 no-resgemm", {"quantization": "fp8", "fp8_skip_layers": 2},
      {"SLIPSTREAM_RESIDUAL_GEMM": "0"}, True),
-    # experimental: QK^T in fp8 in the attention kernel (k rounded per call, q per row)
-    ("bf16 qk-fp8", {}, {"SLIPSTREAM_FLASH_QK_FP8": "1"}, True),
-    ("fp8 skip2 qk-fp8", {"quantization": "fp8", "fp8_skip_layers": 2},
-     {"SLIPSTREAM_FLASH_QK_FP8": "1"}, True),
 ]  # fmt: skip
 
 

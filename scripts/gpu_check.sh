@@ -4,7 +4,7 @@
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
-#           tests-round4 round4-ab tests-gen tests-graphs bert-graphs qk8
+#           tests-round4 round4-ab tests-gen tests-graphs bert-graphs
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -154,18 +154,6 @@ for stage in $STAGES; do
     log "A/B: embedding graphs for a MiniLM-shaped BERT (mean pooling), short workload"
     $PY scripts/bert_graphs_ab.py --workload short --items 4000 --json "$RES/bert_graphs_ab_short.json" \
       2>&1 | tee "$RES/bert_graphs_ab_short.log"
-    ;;
-  qk8)
-    need_ckpt || continue
-    log "experimental fp8 QK^T: GPU kernel tests, A/B in one process, fp8 bench with it on"
-    $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_kernels_flash_attn.py -k qk_fp8 \
-      2>&1 | tail -15 | tee "$RES/pytest_gpu_qk8.log"
-    $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 --repeats 5 \
-      --only "fp8 skip2,fp8 skip2 qk-fp8,bf16 qk-fp8" --json "$RES/qk8_ab_mixed.json" \
-      2>&1 | tee "$RES/qk8_ab_mixed.log"
-    SLIPSTREAM_FLASH_QK_FP8=1 $PY -m slipstream bench embed --model "$CK/qwen3-0.6b" --workload mixed \
-      --items 400 --device cuda --dtype bfloat16 --quantization fp8 --baseline hf \
-      --json "$RES/embed_mixed_fp8_qk8.json" 2>&1 | tail -8 | tee "$RES/embed_mixed_fp8_qk8.log"
     ;;
   tests-gen)
     log "pytest -m gpu: generation (decode graphs, paged attention, sampling)"

@@ -9,7 +9,6 @@ import torch
 
 from slipstream.attention.base import AttentionBackend, AttentionMetadata, QNormRope
 from slipstream.attention.paged import PagedAttentionMetadata
-from slipstream.kernels import flash_attn as fa
 from slipstream.kernels.flash_attn import flash_attn_varlen
 from slipstream.kernels.paged_attn import paged_decode_attn, paged_prefill_attn, paged_store_kv
 
@@ -25,9 +24,6 @@ class FlashAttentionBackend(AttentionBackend):
         # The varlen kernel can apply q's norm + rotary as it loads each Q tile;
         # SLIPSTREAM_FLASH_QROPE=0 turns that off (A/B), read once per backend instance.
         self._q_rope = os.environ.get("SLIPSTREAM_FLASH_QROPE", "1") != "0"
-        # Experimental (A/B): QK^T in fp8 on the packed path (k rounded to e4m3 with one
-        # per-call scale, Q tiles per row in the kernel); SLIPSTREAM_FLASH_QK_FP8=1.
-        self._qk_fp8 = os.environ.get("SLIPSTREAM_FLASH_QK_FP8", "0") == "1"
 
     def fuses_q_norm_rope(self, meta: AttentionMetadata) -> bool:
         # Packed (embedding) attention only; the paged generation paths take q ready-made.
@@ -48,20 +44,6 @@ class FlashAttentionBackend(AttentionBackend):
             self._forward_paged(q, k, v, out, meta)
             return
         rope = q_norm_rope
-        if self._qk_fp8 and k.numel() and k.dtype in (torch.bfloat16, torch.float16):
-            # k ~= k8 * descale with the tensor's amax at the top of the e4m3 range.
-            descale = (k.abs().amax().float() / 448.0).clamp_min(1e-12).reshape(1)
-            k8 = (k.float() / descale).to(torch.float8_e4m3fn)
-            fa._launch(
-                q, k, v, out, meta.cu_seqlens_q, meta.cu_seqlens_k, meta.max_seqlen_q,
-                meta.max_seqlen_k, meta.causal, self.scale,
-                None if rope is None else rope.weight,
-                None if rope is None else rope.cos,
-                None if rope is None else rope.sin,
-                1e-6 if rope is None else rope.eps,
-                k_fp8=k8, k_descale=descale,
-            )  # fmt: skip
-            return
         flash_attn_varlen(
             q,
             k,

@@ -132,15 +132,10 @@ def _attn_fwd_inner(
     MASKED: tl.constexpr,
     CAUSAL: tl.constexpr,
     WS: tl.constexpr = False,
-    ROW_SCALE: tl.constexpr = False,  # qk_scale is a [BLOCK_M] vector (fp8 QK^T rows)
 ):
     # One pass over key blocks [lo, hi). MASKED=False is the hot loop: every key in range is
     # valid and visible to every query row, so loads and scores need no mask at all.
     # WS: Triton's automatic warp specialisation of the loop (SLIPSTREAM_FLASH_WS=1, A/B only).
-    if ROW_SCALE:
-        sc = qk_scale[:, None]
-    else:
-        sc = qk_scale
     for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=WS):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         cols = start_n + offs_n
@@ -155,14 +150,14 @@ def _attn_fwd_inner(
                 visible = cols[None, :] <= offs_m[:, None] + causal_shift
             else:
                 visible = cols[None, :] < seqlen_k
-            qk = tl.where(visible, qk * sc, float("-inf"))
+            qk = tl.where(visible, qk * qk_scale, float("-inf"))
             m_ij = tl.maximum(m_i, tl.max(qk, 1))
             qk = qk - m_ij[:, None]
         else:
             # qk_scale > 0 (checked by the wrapper), so max(qk) * scale == max(qk * scale)
             # and the scale folds into one FMA per element.
             m_ij = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-            qk = qk * sc - m_ij[:, None]
+            qk = qk * qk_scale - m_ij[:, None]
         p = tl.math.exp2(qk)
         # m_i starts at a finite -1e30 (not -inf), so alpha is never exp2(-inf - -inf) = NaN.
         alpha = tl.math.exp2(m_i - m_ij)
@@ -176,15 +171,6 @@ def _attn_fwd_inner(
         acc = tl.dot(p.to(v.dtype), v, acc)
         m_i = m_ij
     return acc, l_i, m_i
-
-
-def _q_fp8_rows(q, qk_scale, K_DESCALE):
-    # QK_FP8: the Q tile rounded to float8_e4m3 with one scale per row (its amax -> 448), for
-    # an fp8 QK^T against the fp8 K; the returned per-row softmax scale undoes both scales.
-    qf = q.to(tl.float32)
-    amax = tl.maximum(tl.max(tl.abs(qf), 1), 1e-12)
-    q8 = (qf * (448.0 / amax)[:, None]).to(tl.float8e4nv)
-    return q8, qk_scale * (amax * (1.0 / 448.0)) * tl.load(K_DESCALE)
 
 
 def _load_q_norm_rope(
@@ -249,7 +235,6 @@ def _flash_attn_varlen_fwd_kernel(
     stride_cos,
     stride_sin,
     q_eps,
-    K_DESCALE,  # [1] float32: k ~= K * K_DESCALE (QK_FP8 only)
     SEQ_BUCKET_Q,  # not used in the body: autotune key only
     SEQ_BUCKET_K,  # not used in the body: autotune key only
     HEAD_DIM: tl.constexpr,
@@ -258,7 +243,6 @@ def _flash_attn_varlen_fwd_kernel(
     BLOCK_N: tl.constexpr,
     WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
     Q_ROPE: tl.constexpr = False,  # q RMSNorm + rotary applied while loading the Q tile
-    QK_FP8: tl.constexpr = False,  # K is float8_e4m3 (descale at K_DESCALE); Q tiles rounded too
 ):
     # 1-D grid of num_heads_q * NV programs over "virtual" query blocks. Sequence b owns the
     # virtual blocks [cu_q[b] // BLOCK_M + b, cu_q[b+1] // BLOCK_M + b + 1): at least
@@ -313,8 +297,6 @@ def _flash_attn_varlen_fwd_kernel(
         )  # fmt: skip
     else:
         q = tl.load(q_base + offs_m[:, None] * stride_qt + offs_d[None, :], mask=row_ok, other=0.0)
-    if QK_FP8:
-        q, qk_scale = _q_fp8_rows(q, qk_scale, K_DESCALE)
     k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]
     v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
 
@@ -337,12 +319,12 @@ def _flash_attn_varlen_fwd_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
         0, full_hi, seqlen_k, causal_shift, qk_scale,
-        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS, ROW_SCALE=QK_FP8,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, offs_m, offs_n,
         full_hi, masked_hi, seqlen_k, causal_shift, qk_scale,
-        BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, ROW_SCALE=QK_FP8,
+        BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL,
     )  # fmt: skip
 
     # Rows that saw no key have l_i == 0 and acc == 0: write zeros, not 0/0.
@@ -377,7 +359,6 @@ def _flash_attn_varlen_fwd_packed_kernel(
     stride_cos,
     stride_sin,
     q_eps,
-    K_DESCALE,  # [1] float32: k ~= K * K_DESCALE (QK_FP8 only)
     SEQ_BUCKET_Q,  # not used in the body: autotune key only
     SEQ_BUCKET_K,  # not used in the body: autotune key only
     HEAD_DIM: tl.constexpr,
@@ -387,7 +368,6 @@ def _flash_attn_varlen_fwd_packed_kernel(
     PACK: tl.constexpr,  # query heads (sharing one kv head) stacked into one Q tile
     WS: tl.constexpr = False,  # warp-specialised hot loop (A/B, SLIPSTREAM_FLASH_WS=1)
     Q_ROPE: tl.constexpr = False,  # q RMSNorm + rotary applied while loading the Q tile
-    QK_FP8: tl.constexpr = False,  # K is float8_e4m3 (descale at K_DESCALE); Q tiles rounded too
 ):
     # Variant "gqa_pack": like the base kernel, but one program owns PACK query heads that read
     # the same kv head (PACK divides group_size). Their rows are stacked into one Q tile,
@@ -444,8 +424,6 @@ def _flash_attn_varlen_fwd_packed_kernel(
         )  # fmt: skip
     else:
         q = tl.load(q_base + q_rows[:, None] + offs_d[None, :], mask=row_ok, other=0.0)
-    if QK_FP8:
-        q, qk_scale = _q_fp8_rows(q, qk_scale, K_DESCALE)
     k_ptrs = k_base + offs_n[None, :] * stride_kt + offs_d[:, None]
     v_ptrs = v_base + offs_n[:, None] * stride_vt + offs_d[None, :]
 
@@ -465,12 +443,12 @@ def _flash_attn_varlen_fwd_packed_kernel(
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
         0, full_hi, seqlen_k, causal_shift, qk_scale,
-        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS, ROW_SCALE=QK_FP8,
+        BLOCK_N=BLOCK_N, MASKED=False, CAUSAL=CAUSAL, WS=WS,
     )  # fmt: skip
     acc, l_i, m_i = _attn_fwd_inner(
         acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kt, stride_vt, pos_m, offs_n,
         full_hi, masked_hi, seqlen_k, causal_shift, qk_scale,
-        BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL, ROW_SCALE=QK_FP8,
+        BLOCK_N=BLOCK_N, MASKED=True, CAUSAL=CAUSAL,
     )  # fmt: skip
 
     l_i = tl.where(l_i == 0.0, 1.0, l_i)
@@ -607,7 +585,7 @@ def _build_kernels() -> Any:
     # The main kernel resolves `_attn_fwd_inner` through this module's globals at compile
     # time, so the jitted helper must be installed under that name before the first launch.
     # (Under TRITON_INTERPRET=1 triton.jit returns an InterpretedFunction instead.)
-    for helper in ("_attn_fwd_inner", "_q_fp8_rows", "_load_q_norm_rope"):
+    for helper in ("_attn_fwd_inner", "_load_q_norm_rope"):
         if isinstance(g[helper], types.FunctionType):
             g[helper] = triton.jit(g[helper])
     if isinstance(g["_flash_attn_varlen_fwd_kernel"], types.FunctionType):
@@ -673,7 +651,7 @@ def _autotuned_kernel(head_dim: int, variant: str = "base") -> Any:
         triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
         for bm, bn, w, s in _variant_configs(variant, head_dim)
     ]
-    key = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET_Q", "SEQ_BUCKET_K", "Q_ROPE", "QK_FP8"]
+    key = ["HEAD_DIM", "CAUSAL", "SEQ_BUCKET_Q", "SEQ_BUCKET_K", "Q_ROPE"]
     if variant == "gqa_pack":
         key.append("PACK")
     # The base variant keeps exactly its historical tuning (no pruning).
@@ -1067,8 +1045,6 @@ def _launch(
     *,
     config: tuple[int, ...] | None = None,
     variant: str | None = None,
-    k_fp8: torch.Tensor | None = None,
-    k_descale: torch.Tensor | None = None,
 ) -> None:
     """Check, then launch the kernel writing into `out`.
 
@@ -1078,11 +1054,6 @@ def _launch(
     `config` = (BLOCK_M, BLOCK_N[, num_warps, num_stages]) bypasses autotuning (tests, and the
     interpreter, which always uses a small fixed config). `variant` (one of VARIANTS) overrides
     SLIPSTREAM_FLASH_VARIANT.
-
-    `k_fp8` / `k_descale` (experimental, SLIPSTREAM_FLASH_QK_FP8=1 in the flash backend): the
-    kernel computes QK^T in fp8 from `k_fp8` (float8_e4m3fn, `k`'s shape, `k ~= k_fp8 *
-    k_descale`, `k_descale` a [1] float32 tensor) and Q tiles rounded to e4m3 per row; `k`
-    itself is only checked. PV stays in `v`'s dtype.
     """
     variant = _resolve_variant(variant, cu_seqlens_q.shape[0] - 1, causal)
     if not _fast_checks_pass(
@@ -1111,22 +1082,6 @@ def _launch(
         return  # nothing to write
     scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else float(softmax_scale)
 
-    if k_fp8 is not None:
-        if (
-            k_fp8.dtype != torch.float8_e4m3fn
-            or k_fp8.shape != k.shape
-            or k_fp8.device != k.device
-            or k_fp8.stride(2) != 1
-            or k_descale is None
-            or k_descale.dtype != torch.float32
-            or k_descale.numel() != 1
-            or k_descale.device != k.device
-        ):
-            raise ValueError(
-                "flash_attn_varlen: `k_fp8` must be float8_e4m3fn with k's shape and device and "
-                "a contiguous head dim, with `k_descale` a one-element float32 tensor"
-            )
-        k = k_fp8
     args = (
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, scale * _LOG2E,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
@@ -1136,12 +1091,9 @@ def _launch(
             (q_norm_weight, cos, sin, cos.stride(0), sin.stride(0), float(q_norm_eps))
             if q_rope else (q, q, q, 0, 0, 0.0)  # placeholders the kernel never reads
         ),
-        k_descale if k_fp8 is not None else out,  # (a placeholder the kernel never reads)
         seq_bucket(max_seqlen_q), seq_bucket(max_seqlen_k),
     )  # fmt: skip
     meta = {"HEAD_DIM": head_dim, "CAUSAL": bool(causal), "Q_ROPE": q_rope}
-    if k_fp8 is not None:
-        meta["QK_FP8"] = True
     if os.environ.get("SLIPSTREAM_FLASH_WS", "0") == "1" and not _interpret_mode():
         meta["WS"] = True
 
