@@ -23,7 +23,9 @@ def pool(
         cu = cu_seqlens.long()
         # Token i belongs to the first sequence whose end is past i.
         seg = torch.searchsorted(cu[1:], torch.arange(t, device=hidden.device), right=True)
-        sums = torch.zeros(cu.shape[0] - 1, hidden.shape[1], device=hidden.device)
+        sums = torch.zeros(
+            cu.shape[0] - 1, hidden.shape[1], device=hidden.device, dtype=torch.float32
+        )
         sums.index_add_(0, seg, hidden.float())
         return sums / (cu[1:] - cu[:-1]).clamp(min=1)[:, None].float()
     raise ValueError(f"unknown pooling mode {mode!r}")

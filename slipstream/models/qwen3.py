@@ -116,7 +116,7 @@ class Qwen3MLP(nn.Module):
 
 def _project(proj: Linear, x: torch.Tensor, add_to: torch.Tensor | None) -> torch.Tensor:
     """``proj(x)``, or with ``add_to`` (the residual stream) ``add_to += proj(x)`` in place
-    through the GEMM epilogue (the caller checked ``proj.can_add_into``)."""
+    through the GEMM epilogue (`Qwen3DecoderLayer._adds_into_stream` checked that it can)."""
     if add_to is None:
         return proj(x)
     return proj.add_into_(x, add_to)
