@@ -549,6 +549,44 @@ def test_qwen3_residual_stream_layer_kinds_mix(
             )
 
 
+def test_qwen3_projection_with_bias_keeps_the_add_norm_path(
+    tiny_qwen3: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A biased o_proj (attention_bias checkpoints) has no add-into-C GEMM here: that layer
+    takes the add + RMSNorm path and the output still matches the unfused model."""
+    from slipstream import Engine
+    from slipstream.attention import AttentionMetadata
+    from slipstream.layers.linear import Linear
+
+    engines = []
+    for fused in ("0", "always"):
+        monkeypatch.setenv("SLIPSTREAM_FUSED", fused)
+        eng = Engine(tiny_qwen3, device=DEV, dtype="float32")
+        o_proj = eng.runner.model.layers[1].self_attn.o_proj
+        o_proj.bias = torch.nn.Parameter(
+            torch.linspace(-0.5, 0.5, o_proj.out_features, device=DEV), requires_grad=False
+        )
+        engines.append(eng)
+    calls: list[int] = []
+    real = Linear.add_into_
+
+    def counted(self, x, out):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(self, x, out)
+
+    monkeypatch.setattr(Linear, "add_into_", counted)
+    seqs = [[5, 17, 300, 2, 999], [1], [8, 9, 10, 11, 12, 13, 14, 3]]
+    meta = AttentionMetadata.from_seq_lens([len(s) for s in seqs], causal=True, device=DEV)
+    ids = torch.tensor([t for s in seqs for t in s], device=DEV)
+    pos = torch.tensor([p for s in seqs for p in range(len(s))], device=DEV)
+    with torch.inference_mode():
+        want = engines[0].runner.model(ids, pos, meta)
+        calls.clear()
+        got = engines[1].runner.model(ids, pos, meta)
+    assert len(calls) == 2  # layer 0 only: its o_proj and down_proj
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- GPU (bf16)
 
 
