@@ -60,8 +60,8 @@ class QNormRope:
     (q is then read once, never written back)."""
 
     weight: torch.Tensor  # [D] RMSNorm weight
-    cos: torch.Tensor  # [T_q, D] float32
-    sin: torch.Tensor  # [T_q, D] float32
+    cos: torch.Tensor  # [T_q, D/2] half-width NeoX table in q's dtype (cos_sin_half)
+    sin: torch.Tensor  # [T_q, D/2]
     eps: float
 
 
