@@ -105,7 +105,6 @@ class EmbedCudaGraphs:
         self.graphs = OrderedDict()
         self.mempool: Any = torch.cuda.graph_pool_handle()
         self.stream = torch.cuda.Stream(device=device)
-        self.seen: set[tuple[int, int, int]] = set()
         self.replays = 0
         self.captures = 0
         self.capture_s = 0.0
