@@ -129,7 +129,6 @@ class Qwen3DecoderLayer(nn.Module):
         self.self_attn = Qwen3Attention(cfg, backend, debug_checks)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.norm_eps)
         self.mlp = Qwen3MLP(cfg)
-        self.fused = fused_ops.fusion_mode()
         # The residual add rides on o_proj's and down_proj's GEMM epilogue where it can
         # (see `_forward_stream`). SLIPSTREAM_RESIDUAL_GEMM=0 turns it off (A/B).
         self.residual_gemm = os.environ.get("SLIPSTREAM_RESIDUAL_GEMM", "1") != "0"
@@ -142,7 +141,7 @@ class Qwen3DecoderLayer(nn.Module):
             self.residual_gemm
             and x.dim() == 2
             and x.is_contiguous()
-            and fused_ops.should_fuse(self.fused, x)
+            and fused_ops.should_fuse(self.self_attn.fused, x)
         ):
             return False
         o_proj, down_proj = self.self_attn.o_proj, self.mlp.down_proj
