@@ -109,19 +109,20 @@ for stage in $STAGES; do
       --out "$RES/host_profile_short_$tag.txt" > /dev/null 2>&1
     head -c 9000 "$RES/host_profile_short_$tag.txt"
     ;;
-  qrope-ab)
+  qrope-ab|graphs-ab|round4-ab)
     need_ckpt || continue
-    log "A/B: q norm + rotary in the attention kernel vs the qk kernel (one process)"
-    $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 \
-      --only "bf16 no-qrope,fp8 skip2,fp8 skip2 no-qrope" --json "$RES/qrope_ab_mixed.json" \
-      2>&1 | tee "$RES/qrope_ab_mixed.log"
-    ;;
-  graphs-ab)
-    need_ckpt || continue
-    log "A/B: embedding forwards as CUDA-graph replays vs eager (one process)"
-    $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 \
-      --only "bf16 no-graphs,fp8 skip2,fp8 skip2 no-graphs" --json "$RES/graphs_ab_mixed.json" \
-      2>&1 | tee "$RES/graphs_ab_mixed.log"
+    reps=3
+    case $stage in
+    qrope-ab) what="q norm + rotary in the attention kernel vs the qk kernel"
+      only="bf16 no-qrope,fp8 skip2,fp8 skip2 no-qrope" ;;
+    graphs-ab) what="embedding forwards as CUDA-graph replays vs eager"
+      only="bf16 no-graphs,fp8 skip2,fp8 skip2 no-graphs" ;;
+    round4-ab) what="residual add in the GEMM epilogue"
+      only="bf16 no-resgemm,fp8 skip2,fp8 skip2 no-resgemm"; reps=5 ;;
+    esac
+    log "A/B: $what (one process)"
+    $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 --repeats $reps \
+      --only "$only" --json "$RES/${stage%-ab}_ab_mixed.json" 2>&1 | tee "$RES/${stage%-ab}_ab_mixed.log"
     ;;
   tests-new)
     log "pytest -m gpu, this session's new GPU tests"
@@ -137,13 +138,6 @@ for stage in $STAGES; do
     log "pytest -m gpu: models, fused kernels, graphs, attention prologue"
     $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_gpu_models.py tests/test_kernels_fused.py \
       tests/test_embed_graph.py tests/test_flash_q_rope.py tests/test_fp8.py 2>&1 | tee "$RES/pytest_gpu_round4.log"
-    ;;
-  round4-ab)
-    need_ckpt || continue
-    log "A/B: residual add in the GEMM epilogue (one process)"
-    $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 --repeats 5 \
-      --only "bf16 no-resgemm,fp8 skip2,fp8 skip2 no-resgemm" \
-      --json "$RES/round4_ab_mixed.json" 2>&1 | tee "$RES/round4_ab_mixed.log"
     ;;
   tests-graphs)
     log "pytest -m gpu: embedding graphs (Qwen3 and BERT), BERT models, bench smoke"
