@@ -51,6 +51,13 @@ VARIANTS = [
     ("bf16 no-resgemm", {}, {"SLIPSTREAM_RESIDUAL_GEMM": "0"}, True),
     ("fp8 skip2 no-resgemm", {"quantization": "fp8", "fp8_skip_layers": 2},
      {"SLIPSTREAM_RESIDUAL_GEMM": "0"}, True),
+    # attention kernel: the Triton gqa_pack kernel vs the Gluon sm90 producer/consumer kernel
+    ("bf16 gqa_pack", {}, {"SLIPSTREAM_FLASH_VARIANT": "gqa_pack"}, True),
+    ("bf16 sm90", {}, {"SLIPSTREAM_FLASH_VARIANT": "sm90_ws"}, True),
+    ("fp8 skip2 gqa_pack", {"quantization": "fp8", "fp8_skip_layers": 2},
+     {"SLIPSTREAM_FLASH_VARIANT": "gqa_pack"}, True),
+    ("fp8 skip2 sm90", {"quantization": "fp8", "fp8_skip_layers": 2},
+     {"SLIPSTREAM_FLASH_VARIANT": "sm90_ws"}, True),
 ]  # fmt: skip
 
 

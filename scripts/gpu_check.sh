@@ -4,7 +4,7 @@
 #   stages: env tests attn profile embed embed-fp8 embed-fp8-big embed-long embed-short generate
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
-#           tests-round4 round4-ab tests-gen tests-graphs bert-graphs
+#           tests-round4 round4-ab tests-gen tests-graphs bert-graphs sm90 sm90-sweep sm90-ab
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -109,7 +109,7 @@ for stage in $STAGES; do
       --out "$RES/host_profile_short_$tag.txt" > /dev/null 2>&1
     head -c 9000 "$RES/host_profile_short_$tag.txt"
     ;;
-  qrope-ab|graphs-ab|round4-ab)
+  qrope-ab|graphs-ab|round4-ab|sm90-ab)
     need_ckpt || continue
     reps=3
     case $stage in
@@ -119,6 +119,8 @@ for stage in $STAGES; do
       only="bf16 no-graphs,fp8 skip2,fp8 skip2 no-graphs" ;;
     round4-ab) what="residual add in the GEMM epilogue"
       only="bf16 no-resgemm,fp8 skip2,fp8 skip2 no-resgemm"; reps=5 ;;
+    sm90-ab) what="attention: Triton gqa_pack vs Gluon sm90_ws"
+      only="bf16 gqa_pack,bf16 sm90,fp8 skip2 gqa_pack,fp8 skip2 sm90"; reps=5 ;;
     esac
     log "A/B: $what (one process)"
     $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 --repeats $reps \
@@ -128,6 +130,17 @@ for stage in $STAGES; do
     log "pytest -m gpu, this session's new GPU tests"
     $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_embed_graph.py \
       tests/test_flash_q_rope.py 2>&1 | tee "$RES/pytest_gpu_new.log"
+    ;;
+  sm90)
+    log "pytest -m gpu: the Gluon sm90 attention kernel"
+    $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_flash_sm90.py 2>&1 | tee "$RES/pytest_gpu_sm90.log"
+    log "attention bench: gqa_pack vs sm90_ws"
+    $PY benchmarks/attention_bench.py --variants gqa_pack,sm90_ws --json "$RES/attention_sm90.json" \
+      --plot "$RES/attention_sm90.png" 2>&1 | tee "$RES/attention_sm90.log"
+    ;;
+  sm90-sweep)
+    log "sm90_ws settings vs gqa_pack"
+    $PY scripts/attn_sm90_sweep.py --json "$RES/attention_sm90_sweep.json" 2>&1 | tee "$RES/attention_sm90_sweep.log"
     ;;
   tests-attn)
     log "pytest -m gpu, attention and fused kernels only"

@@ -487,9 +487,12 @@ _CONFIGS_BY_HEAD_DIM[16] = _CONFIGS_BY_HEAD_DIM[32]
 # * ``gqa_pack``: `_flash_attn_varlen_fwd_packed_kernel`: PACK query heads of one kv head
 #   stacked into one Q tile (BLOCK_M rows = PACK heads x BLOCK_M // PACK positions), with its
 #   own autotune space including 256-row tiles (128 positions x 2 heads) on 16 warps.
+# * ``sm90_ws``: the Gluon producer/consumer kernel of `flash_attn_sm90.py` (Hopper only:
+#   TMA producer warp, two consumer warpgroups, softmax overlapped with the tensor cores).
+#   Calls it cannot run (see `flash_attn_sm90.supported`) fall back to ``gqa_pack``.
 # ----------------------------------------------------------------------------------------
 
-VARIANTS = ("base", "wide", "gqa_pack")
+VARIANTS = ("base", "wide", "gqa_pack", "sm90_ws")
 # Default from the H100 A/B (benchmarks/results/attention_variants_h100.json): gqa_pack was
 # 1.00x base on one causal 7168-token sequence and 1.04x on the packed mixed batch.
 _DEFAULT_VARIANT = "gqa_pack"
@@ -1097,6 +1100,21 @@ def _launch(
     if os.environ.get("SLIPSTREAM_FLASH_WS", "0") == "1" and not _interpret_mode():
         meta["WS"] = True
 
+    if variant == "sm90_ws":
+        if config is None and not _interpret_mode():
+            from slipstream.kernels import flash_attn_sm90 as sm90
+
+            why_not = sm90.supported(q, k, v, out, cu_seqlens_q, cu_seqlens_k)
+            if why_not is None:
+                run_sm90 = (q, k, v, out, cu_seqlens_q, causal, scale * _LOG2E)
+                extra = (q_norm_weight, cos, sin, q_norm_eps) if q_rope else ()
+                if q.device.index != torch.cuda.current_device():
+                    with torch.cuda.device(q.device):
+                        sm90.launch(*run_sm90, *extra)
+                else:
+                    sm90.launch(*run_sm90, *extra)
+                return
+        variant = "gqa_pack"
     if config is None:
         config = _INTERPRETER_BLOCKS if _interpret_mode() else _env_config(head_dim, variant)
     run = (args, meta, hq, hq // hkv, batch, q.shape[0], head_dim, config, variant)

@@ -1,0 +1,542 @@
+"""Hopper (sm_90) varlen flash attention written in Gluon: producer/consumer warp specialisation.
+
+Why a second kernel. The Triton kernel in `flash_attn.py` leaves the scheduling of its key
+loop to the compiler, and on Hopper that loop waits on every warpgroup MMA as soon as it is
+issued: the softmax of one key block never overlaps a matrix multiply. This kernel spells the
+schedule out with Gluon (Triton's lower-level dialect: explicit layouts, shared memory,
+mbarriers, TMA and asynchronous `wgmma`):
+
+* one **producer** warp streams K and V tiles into a ring of shared-memory stages with TMA,
+  gated by `ready` / `free` mbarriers;
+* two **consumer** warpgroups each own 64 query rows. With GQA packing they take the two
+  query heads that read the same kv head at the same 64 positions, so both walk the same key
+  blocks and every K/V tile in shared memory feeds 128 query rows;
+* inside a consumer, block j+1's QK^T is issued before block j's P @ V, and block j+1's
+  softmax runs while that P @ V is still on the tensor cores (a wgmma wait with one group
+  left outstanding). The two consumers are independent partitions, so the hardware also
+  interleaves one's softmax with the other's multiplies.
+
+Same contract as `flash_attn_varlen` (packed `[T, H, D]` q/k/v, `cu_seqlens`, bottom-right
+causal alignment, optional q RMSNorm + NeoX rotary on the Q load, writes `out` in place), for
+the case the embedding path runs: self-attention (`cu_seqlens_q` is `cu_seqlens_k`),
+head_dim 128, an even GQA group, bf16/fp16, heads contiguous in each token row. `supported()`
+says whether a call qualifies; `flash_attn.py` routes to this kernel when
+`SLIPSTREAM_FLASH_VARIANT=sm90_ws` (the variant A/B switch) and falls back otherwise.
+
+Gluon kernels do not run under the Triton interpreter; the tests for this file are GPU tests
+(tests/test_flash_sm90.py) against the torch reference.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+HEAD_DIM = 128
+BLOCK_M = 64  # query rows per consumer warpgroup
+BLOCK_N = 128  # keys per K/V tile
+# Ring depths: V is freed one block later than K (see _key_block), so it wants one stage more.
+# 2 x 32 KiB of K + 3 x 32 KiB of V + 2 x 16 KiB of Q = 192 KiB of shared memory.
+K_STAGES = 2
+V_STAGES = 3
+PACK = 2  # query heads per program (one per consumer), sharing one kv head
+PINGPONG = False  # the consumers take turns issuing their multiplies (measured slower)
+
+
+def gluon_available() -> bool:
+    return gluon is not None
+
+
+def supported(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+) -> str | None:
+    """None when this kernel can run the call, else the reason it cannot (for the fallback)."""
+    if q.device.type != "cuda":
+        return "not a CUDA tensor"
+    if torch.cuda.get_device_capability(q.device)[0] != 9:
+        return "not a Hopper GPU"
+    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
+        return f"dtype {q.dtype}"
+    if q.shape[2] != HEAD_DIM or k.shape[2] != HEAD_DIM:
+        return f"head_dim {q.shape[2]}"
+    hq, hkv = q.shape[1], k.shape[1]
+    if hkv == 0 or hq % hkv or (hq // hkv) % PACK:
+        return f"GQA group {hq}/{hkv} is not a multiple of {PACK}"
+    if cu_seqlens_q is not cu_seqlens_k and cu_seqlens_q.data_ptr() != cu_seqlens_k.data_ptr():
+        return "cross attention (cu_seqlens_q is not cu_seqlens_k)"
+    for name, t in (("k", k), ("v", v)):
+        # TMA reads each token's heads as one row of a 2-D [T, H*D] tensor.
+        if t.stride(2) != 1 or t.stride(1) != HEAD_DIM:
+            return f"{name} heads are not contiguous"
+        if (t.stride(0) * t.element_size()) % 16 or t.data_ptr() % 16:
+            return f"{name} rows are not 16-byte aligned"
+    if q.stride(2) != 1 or out.stride(2) != 1:
+        return "q/out last dim not contiguous"
+    if not gluon_available():
+        return "Triton without Gluon"
+    return None
+
+
+try:  # Gluon ships with Triton >= 3.5; without it `supported()` says no and nothing is built.
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (
+        fence_async_shared,
+        mbarrier,
+        tma,
+        warpgroup_mma,
+        warpgroup_mma_wait,
+    )
+
+    _GLUON_ERROR: BaseException | None = None
+except Exception as exc:  # pragma: no cover - depends on the Triton version
+    gluon = None  # type: ignore[assignment]
+    gl = None  # type: ignore[assignment]
+    _GLUON_ERROR = exc
+
+
+if gluon is not None:
+
+    @gluon.jit
+    def _producer(
+        k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+        k_row0, kv_col, n_blocks,
+        BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+    ):  # fmt: skip
+        # One warp: stream K_j and V_j into their rings once both consumers freed the stage.
+        for j in range(n_blocks):
+            sk = j % K_STAGES
+            sv = j % V_STAGES
+            row = k_row0 + j * BLOCK_N
+            # A fresh barrier passes a wait on phase 1 at once: the first lap never waits.
+            mbarrier.wait(k_free.index(sk), ((j // K_STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                k_desc, [row, kv_col], k_ready.index(sk), k_smem.index(sk)
+            )
+            mbarrier.wait(v_free.index(sv), ((j // V_STAGES) & 1) ^ 1)
+            mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
+            tma.async_copy_global_to_shared(
+                v_desc, [row, kv_col], v_ready.index(sv), v_smem.index(sv)
+            )
+
+    @gluon.jit
+    def _softmax_step(
+        s_acc, m_i, l_i, cols0, rows, n_start, seqlen_k, qk_scale,
+        CAUSAL: gl.constexpr, MASKED: gl.constexpr,
+    ):  # fmt: skip
+        # Online softmax of one [BLOCK_M, BLOCK_N] score block (exp2 domain). MASKED blocks
+        # reach past the diagonal (causal) or the sequence end. A compile-time switch: a
+        # branch between a wgmma's issue and its wait makes ptxas wait at the branch.
+        if MASKED:
+            cols = n_start + cols0
+            if CAUSAL:
+                visible = gl.expand_dims(cols, 0) <= gl.expand_dims(rows, 1)
+            else:
+                visible = (gl.expand_dims(cols, 0) < seqlen_k) & (gl.expand_dims(rows, 1) >= 0)
+            s_acc = gl.where(visible, s_acc, float("-inf"))
+        # qk_scale > 0, so max(s) * scale == max(s * scale) and the scale folds into the FMA.
+        m_new = gl.maximum(m_i, gl.max(s_acc, axis=1) * qk_scale)
+        p = gl.exp2(s_acc * qk_scale - gl.expand_dims(m_new, 1))
+        alpha = gl.exp2(m_i - m_new)  # m_i starts finite (-1e30), so never NaN
+        l_i = l_i * alpha + gl.sum(p, axis=1)
+        return p, m_new, l_i, alpha
+
+    @gluon.jit
+    def _key_block(
+        j, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+        my_turn, other_turn, s_zero, cols0, rows, seqlen_k, qk_scale,
+        CAUSAL: gl.constexpr, MASKED: gl.constexpr, P_LAYOUT: gl.constexpr,
+        O_LAYOUT: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+        BLOCK_N: gl.constexpr,
+        PINGPONG: gl.constexpr,
+    ):  # fmt: skip
+        # Key block j >= 1 (FlashAttention-3's in-warpgroup overlap): issue QK^T of block j;
+        # rescale the accumulator to block j-1's running max while it runs; issue
+        # P_{j-1} @ V_{j-1}; once QK^T is back, block j's softmax runs while P @ V is still
+        # on the tensor cores. P_j becomes a wgmma operand only after that multiply retires.
+        s = j % K_STAGES
+        sp = (j - 1) % V_STAGES
+        if PINGPONG:
+            mbarrier.wait(my_turn, j & 1)
+        mbarrier.wait(k_ready.index(s), (j // K_STAGES) & 1)
+        s_acc = warpgroup_mma(
+            q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True
+        )
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), 1)
+        mbarrier.wait(v_ready.index(sp), ((j - 1) // V_STAGES) & 1)
+        acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(other_turn, count=1)
+        # Groups retire in order: with one left outstanding, QK^T of block j is done. Free
+        # K_j, and V_{j-2}, whose P @ V retired in the previous call. (V_{j-1} is freed one
+        # block later: an mbarrier arrive costs a partition barrier, and ptxas hoists a wgmma
+        # wait that precedes a barrier above the softmax, which would end the overlap.)
+        s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc,))
+        mbarrier.arrive(k_free.index(s), count=1)
+        mbarrier.arrive(v_free.index((j + V_STAGES - 2) % V_STAGES), count=1, pred=j >= 2)
+        p32, m_i, l_i, alpha = _softmax_step(
+            s_acc, m_i, l_i, cols0, rows, j * BLOCK_N, seqlen_k, qk_scale,
+            CAUSAL=CAUSAL, MASKED=MASKED,
+        )  # fmt: skip
+        # p32 passes through the wait so that its conversion cannot be scheduled above it:
+        # ptxas writes the converted P into the registers the in-flight P @ V still reads,
+        # and would hoist the wait (and end the overlap) to do so.
+        acc, p, p32 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p, p32))
+        p = gl.convert_layout(p32.to(p.dtype), P_LAYOUT)
+        return p, acc, m_i, l_i, alpha
+
+    @gluon.jit
+    def _consumer(
+        Q, Out, QW, COS, SIN, q_smem, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+        my_turn, other_turn, q_start, seqlen_q, seqlen_k, m0, head, n_blocks,
+        stride_qt, stride_qh, stride_ot, stride_oh, stride_cos, stride_sin, q_eps, qk_scale,
+        CAUSAL: gl.constexpr, Q_ROPE: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+    ):  # fmt: skip
+        dtype: gl.constexpr = Q.dtype.element_ty
+        HALF: gl.constexpr = HEAD_DIM // 2
+        # ---- the Q tile: load, (q RMSNorm + NeoX rotary), into shared memory for wgmma ----
+        ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
+        pos = m0 + r
+        row_ok = gl.expand_dims(pos < seqlen_q, 1)
+        tok = (q_start + pos).to(gl.int64)
+        q_rows = Q + gl.expand_dims(tok * stride_qt + head * stride_qh, 1)
+        x = gl.load(q_rows + gl.expand_dims(d, 0), mask=row_ok, other=0.0)
+        if Q_ROPE:
+            # Same float32 math and roundings as flash_attn._load_q_norm_rope; the partner
+            # element (d + D/2) mod D is read a second time instead of splitting the tile.
+            dp = (d + HALF) % HEAD_DIM
+            xf = x.to(gl.float32)
+            xpf = gl.load(q_rows + gl.expand_dims(dp, 0), mask=row_ok, other=0.0).to(gl.float32)
+            rstd = gl.expand_dims(gl.rsqrt(gl.sum(xf * xf, axis=1) / HEAD_DIM + q_eps), 1)
+            w = gl.expand_dims(gl.load(QW + d).to(gl.float32), 0)
+            wp = gl.expand_dims(gl.load(QW + dp).to(gl.float32), 0)
+            n = ((xf * rstd).to(dtype).to(gl.float32) * w).to(dtype).to(gl.float32)
+            npart = ((xpf * rstd).to(dtype).to(gl.float32) * wp).to(dtype).to(gl.float32)
+            dh = gl.expand_dims(d % HALF, 0)
+            c = gl.load(COS + gl.expand_dims(tok * stride_cos, 1) + dh, mask=row_ok, other=0.0)
+            sn = gl.load(SIN + gl.expand_dims(tok * stride_sin, 1) + dh, mask=row_ok, other=0.0)
+            c = c.to(dtype).to(gl.float32)
+            sn = sn.to(dtype).to(gl.float32)
+            sign = gl.expand_dims(gl.where(d < HALF, -1.0, 1.0), 0)
+            x = (
+                (n * c).to(dtype).to(gl.float32) + (sign * (npart * sn)).to(dtype).to(gl.float32)
+            ).to(dtype)
+        q_smem.store(x)
+        fence_async_shared()
+
+        # ---- the key loop ----
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
+        )
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(
+            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
+        )
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        # Key blocks [0, n_full) are visible to every row of the tile: no mask.
+        if CAUSAL:
+            n_full = (m0 + 1) // BLOCK_N
+        else:
+            n_full = seqlen_k // BLOCK_N
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
+        m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+        # PINGPONG: the two consumers take turns issuing their multiplies (event e of one
+        # waits for event e - 1 of the other), so one's softmax runs under the other's wgmma.
+        if PINGPONG:
+            mbarrier.wait(my_turn, 0)
+        mbarrier.wait(k_ready.index(0), 0)
+        s_acc = warpgroup_mma(
+            q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True
+        )
+        if PINGPONG:
+            mbarrier.arrive(other_turn, count=1)
+        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc,))
+        mbarrier.arrive(k_free.index(0), count=1)
+        if n_full > 0:
+            p32, m_i, l_i, alpha = _softmax_step(
+                s_acc, m_i, l_i, cols0, rows, 0, seqlen_k, qk_scale, CAUSAL=CAUSAL, MASKED=False
+            )
+        else:
+            p32, m_i, l_i, alpha = _softmax_step(
+                s_acc, m_i, l_i, cols0, rows, 0, seqlen_k, qk_scale, CAUSAL=CAUSAL, MASKED=True
+            )
+        p = gl.convert_layout(p32.to(dtype), p_layout)
+        for j in range(1, n_full):
+            p, acc, m_i, l_i, alpha = _key_block(
+                j, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_free,
+                v_free, my_turn, other_turn, s_zero, cols0, rows, seqlen_k, qk_scale,
+                CAUSAL=CAUSAL, MASKED=False, P_LAYOUT=p_layout, O_LAYOUT=o_layout,
+                K_STAGES=K_STAGES, V_STAGES=V_STAGES, BLOCK_N=BLOCK_N, PINGPONG=PINGPONG,
+            )  # fmt: skip
+        for j in range(gl.maximum(n_full, 1), n_blocks):
+            p, acc, m_i, l_i, alpha = _key_block(
+                j, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_free,
+                v_free, my_turn, other_turn, s_zero, cols0, rows, seqlen_k, qk_scale,
+                CAUSAL=CAUSAL, MASKED=True, P_LAYOUT=p_layout, O_LAYOUT=o_layout,
+                K_STAGES=K_STAGES, V_STAGES=V_STAGES, BLOCK_N=BLOCK_N, PINGPONG=PINGPONG,
+            )  # fmt: skip
+        sp = (n_blocks - 1) % V_STAGES
+        if PINGPONG:
+            mbarrier.wait(my_turn, n_blocks & 1)
+        mbarrier.wait(v_ready.index(sp), ((n_blocks - 1) // V_STAGES) & 1)
+        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+        acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+        if PINGPONG:
+            mbarrier.arrive(other_turn, count=1)
+        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
+        # (V_{n-2} and V_{n-1} are never freed: the producer loads nothing after them.)
+
+        # ---- epilogue: normalise and store straight into `out` ----
+        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+        l_o = gl.where(l_o == 0.0, 1.0, l_o)
+        o = (acc / gl.expand_dims(l_o, 1)).to(dtype)
+        o_r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
+        o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
+        o_pos = m0 + o_r
+        o_tok = (q_start + o_pos).to(gl.int64)
+        o_ptrs = (
+            Out + gl.expand_dims(o_tok * stride_ot + head * stride_oh, 1) + gl.expand_dims(o_d, 0)
+        )
+        gl.store(o_ptrs, o, mask=gl.expand_dims(o_pos < seqlen_q, 1))
+
+    @gluon.jit
+    def _kernel(
+        Q, k_desc, v_desc, Out, cu_seqlens, qk_scale,
+        stride_qt, stride_qh, stride_ot, stride_oh,
+        batch, num_heads_q, group_size,
+        QW, COS, SIN, stride_cos, stride_sin, q_eps,
+        CAUSAL: gl.constexpr, Q_ROPE: gl.constexpr,
+        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
+        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, PACK: gl.constexpr,
+        PINGPONG: gl.constexpr,
+    ):  # fmt: skip
+        # Grid: (Hq // PACK) head pairs x (T // BLOCK_M + B) virtual query blocks, the last
+        # (heaviest for causal) first, as in flash_attn.py's kernels.
+        pid = gl.program_id(0)
+        num_groups = num_heads_q // PACK
+        hgroup = pid % num_groups
+        num_virtual = gl.num_programs(0) // num_groups
+        vblock = num_virtual - 1 - pid // num_groups
+        lo = pid * 0
+        hi = lo + batch
+        while lo < hi:
+            mid = (lo + hi) // 2
+            go_right = gl.load(cu_seqlens + mid) // BLOCK_M + mid <= vblock
+            lo = gl.where(go_right, mid + 1, lo)
+            hi = gl.where(go_right, hi, mid)
+        seq = lo - 1
+        q_start = gl.load(cu_seqlens + seq)
+        seqlen = gl.load(cu_seqlens + seq + 1) - q_start
+        m0 = (vblock - (q_start // BLOCK_M + seq)) * BLOCK_M
+        if m0 >= seqlen:
+            return
+        head0 = hgroup * PACK
+        kv_head = head0 // group_size
+        if CAUSAL:
+            n_blocks = gl.cdiv(gl.minimum(m0 + BLOCK_M, seqlen), BLOCK_N)
+        else:
+            n_blocks = gl.cdiv(seqlen, BLOCK_N)
+
+        dtype: gl.constexpr = Q.dtype.element_ty
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        q_smem0 = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+        q_smem1 = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_free = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_free.index(i), count=PACK)  # one arrive per consumer
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_free.index(i), count=PACK)
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
+        if PINGPONG:
+            mbarrier.arrive(turn.index(0), count=1)  # consumer 0 goes first
+
+        kv_col = kv_head * HEAD_DIM
+        gl.warp_specialize(
+            [
+                (
+                    _consumer,
+                    (
+                        Q,
+                        Out,
+                        QW,
+                        COS,
+                        SIN,
+                        q_smem0,
+                        k_smem,
+                        v_smem,
+                        k_ready,
+                        v_ready,
+                        k_free,
+                        v_free,
+                        turn.index(0),
+                        turn.index(1),
+                        q_start,
+                        seqlen,
+                        seqlen,
+                        m0,
+                        head0,
+                        n_blocks,
+                        stride_qt,
+                        stride_qh,
+                        stride_ot,
+                        stride_oh,
+                        stride_cos,
+                        stride_sin,
+                        q_eps,
+                        qk_scale,
+                        CAUSAL,
+                        Q_ROPE,
+                        BLOCK_M,
+                        BLOCK_N,
+                        HEAD_DIM,
+                        K_STAGES,
+                        V_STAGES,
+                        PINGPONG,
+                    ),
+                ),
+                (
+                    _consumer,
+                    (
+                        Q,
+                        Out,
+                        QW,
+                        COS,
+                        SIN,
+                        q_smem1,
+                        k_smem,
+                        v_smem,
+                        k_ready,
+                        v_ready,
+                        k_free,
+                        v_free,
+                        turn.index(1),
+                        turn.index(0),
+                        q_start,
+                        seqlen,
+                        seqlen,
+                        m0,
+                        head0 + 1,
+                        n_blocks,
+                        stride_qt,
+                        stride_qh,
+                        stride_ot,
+                        stride_oh,
+                        stride_cos,
+                        stride_sin,
+                        q_eps,
+                        qk_scale,
+                        CAUSAL,
+                        Q_ROPE,
+                        BLOCK_M,
+                        BLOCK_N,
+                        HEAD_DIM,
+                        K_STAGES,
+                        V_STAGES,
+                        PINGPONG,
+                    ),
+                ),
+                (
+                    _producer,
+                    (
+                        k_desc,
+                        v_desc,
+                        k_smem,
+                        v_smem,
+                        k_ready,
+                        v_ready,
+                        k_free,
+                        v_free,
+                        q_start,
+                        kv_col,
+                        n_blocks,
+                        BLOCK_N,
+                        K_STAGES,
+                        V_STAGES,
+                    ),
+                ),
+            ],  # fmt: skip
+            [4, 1],
+            [232, 24],
+        )
+
+
+def _config() -> tuple[bool, int, int]:
+    """(pingpong, K stages, V stages): the defaults, or SLIPSTREAM_SM90_CONFIG="PP,KS,VS" (A/B)."""
+    raw = os.environ.get("SLIPSTREAM_SM90_CONFIG", "").strip()
+    if not raw:
+        return PINGPONG, K_STAGES, V_STAGES
+    msg = (
+        f"SLIPSTREAM_SM90_CONFIG must be 'PINGPONG,K_STAGES,V_STAGES' (0|1, 2-4, 2-4), got {raw!r}"
+    )
+    try:
+        pp, ks, vs = (int(x) for x in raw.split(","))
+    except ValueError:
+        raise ValueError(msg) from None
+    if pp not in (0, 1) or not 2 <= ks <= 4 or not 2 <= vs <= 4:
+        raise ValueError(msg)
+    return bool(pp), ks, vs
+
+
+def launch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens: torch.Tensor,
+    causal: bool,
+    qk_scale: float,
+    q_norm_weight: torch.Tensor | None = None,
+    cos: torch.Tensor | None = None,
+    sin: torch.Tensor | None = None,
+    q_norm_eps: float = 1e-6,
+) -> None:
+    """Run the kernel (the caller checked `supported()` and the common arguments)."""
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
+
+    kernel = _kernel
+    total, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
+    batch = cu_seqlens.shape[0] - 1
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], gdt)
+    descs = [
+        TensorDescriptor(t, [total, hkv * HEAD_DIM], [t.stride(0), 1], [BLOCK_N, HEAD_DIM], layout)
+        for t in (k, v)
+    ]
+    q_rope = q_norm_weight is not None
+    pingpong, k_stages, v_stages = _config()
+    grid = ((hq // PACK) * (total // BLOCK_M + batch),)
+    kernel[grid](
+        q, descs[0], descs[1], out, cu_seqlens, qk_scale,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
+        batch, hq, hq // hkv,
+        *((q_norm_weight, cos, sin, cos.stride(0), sin.stride(0), float(q_norm_eps))
+          if q_rope else (q, q, q, 0, 0, 0.0)),
+        CAUSAL=bool(causal), Q_ROPE=q_rope,
+        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, K_STAGES=k_stages, V_STAGES=v_stages,
+        PACK=PACK,
+        PINGPONG=pingpong, num_warps=4,
+    )  # fmt: skip
