@@ -47,10 +47,26 @@ def _case(lens: list[int], hq: int, hkv: int, d: int) -> dict:
     }
 
 
+def _with_q_prologue(c: dict, d: int) -> dict:
+    """The same case with Qwen3's q RMSNorm + rotary applied in the kernel's Q load."""
+    g = torch.Generator(device="cuda").manual_seed(1)
+    pos = torch.cat([torch.arange(n, device="cuda") for n in c["lens"]])
+    inv = 1.0 / (1_000_000.0 ** (torch.arange(0, d, 2, device="cuda").float() / d))
+    ang = pos.float()[:, None] * inv[None, :]
+    extra = {
+        "q_norm_weight": 1.0 + 0.1 * torch.randn(d, device="cuda", generator=g).to(torch.bfloat16),
+        "cos": ang.cos().to(torch.bfloat16),
+        "sin": ang.sin().to(torch.bfloat16),
+        "q_norm_eps": 1e-6,
+    }
+    return {**c, "extra": extra}
+
+
 def _run(c: dict, out: torch.Tensor, causal: bool) -> None:
     fa.flash_attn_varlen(
-        c["q"], c["k"], c["v"], out, c["cu"], c["cu"], c["max"], c["max"], causal=causal
-    )
+        c["q"], c["k"], c["v"], out, c["cu"], c["cu"], c["max"], c["max"], causal=causal,
+        **c.get("extra", {}),
+    )  # fmt: skip
 
 
 def main() -> None:
@@ -58,6 +74,7 @@ def main() -> None:
     ap.add_argument("--json", type=Path, required=True)
     ap.add_argument("--configs", nargs="+", default=["0,2,3", "0,2,4", "0,3,3", "1,2,3"])
     ap.add_argument("--rep", type=float, default=200.0)
+    ap.add_argument("--q-prologue", action="store_true", help="also the cases with q norm+rope")
     args = ap.parse_args()
     hq, hkv, d = 16, 8, 128
     cases = {
@@ -65,6 +82,9 @@ def main() -> None:
         "causal_mixed": (_case(mixed_lengths(0, 64, 65536), hq, hkv, d), True),
         "full_single_7168": (_case([7168], hq, hkv, d), False),
     }
+    if args.q_prologue:
+        for name in ("causal_single_7168", "causal_mixed"):
+            cases[name + "_qrope"] = (_with_q_prologue(cases[name][0], d), True)
     rows = []
     for name, (c, causal) in cases.items():
         flops = attention_flops(c["lens"], hq, d, causal)

@@ -5,6 +5,7 @@
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
 #           tests-round4 round4-ab tests-gen tests-graphs bert-graphs sm90 sm90-sweep sm90-ab
+#           batch-ab
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -109,7 +110,7 @@ for stage in $STAGES; do
       --out "$RES/host_profile_short_$tag.txt" > /dev/null 2>&1
     head -c 9000 "$RES/host_profile_short_$tag.txt"
     ;;
-  qrope-ab|graphs-ab|round4-ab|sm90-ab)
+  qrope-ab|graphs-ab|round4-ab|sm90-ab|batch-ab)
     need_ckpt || continue
     reps=3
     case $stage in
@@ -121,6 +122,8 @@ for stage in $STAGES; do
       only="bf16 no-resgemm,fp8 skip2,fp8 skip2 no-resgemm"; reps=5 ;;
     sm90-ab) what="attention: Triton gqa_pack vs Gluon sm90_ws"
       only="bf16 gqa_pack,bf16 sm90,fp8 skip2 gqa_pack,fp8 skip2 sm90"; reps=5 ;;
+    batch-ab) what="forwards of 16,384 (default) vs 65,536 tokens"
+      only="bf16 65k,fp8 skip2,fp8 skip2 65k"; reps=5 ;;
     esac
     log "A/B: $what (one process)"
     $PY scripts/fp8_ab.py --model "$CK/qwen3-0.6b" --workload mixed --items 400 --repeats $reps \
@@ -140,7 +143,8 @@ for stage in $STAGES; do
     ;;
   sm90-sweep)
     log "sm90_ws settings vs gqa_pack"
-    $PY scripts/attn_sm90_sweep.py --json "$RES/attention_sm90_sweep.json" 2>&1 | tee "$RES/attention_sm90_sweep.log"
+    $PY scripts/attn_sm90_sweep.py --json "$RES/attention_sm90_sweep.json" --q-prologue \
+      --configs ${SWEEP_CONFIGS:-0,2,3 0,2,4} 2>&1 | tee "$RES/attention_sm90_sweep.log"
     ;;
   tests-attn)
     log "pytest -m gpu, attention and fused kernels only"

@@ -489,13 +489,18 @@ _CONFIGS_BY_HEAD_DIM[16] = _CONFIGS_BY_HEAD_DIM[32]
 #   own autotune space including 256-row tiles (128 positions x 2 heads) on 16 warps.
 # * ``sm90_ws``: the Gluon producer/consumer kernel of `flash_attn_sm90.py` (Hopper only:
 #   TMA producer warp, two consumer warpgroups, softmax overlapped with the tensor cores).
-#   Calls it cannot run (see `flash_attn_sm90.supported`) fall back to ``gqa_pack``.
+#   The default; calls it cannot run (see `flash_attn_sm90.supported`, and every call with
+#   an explicit `config`, and the interpreter) fall back to `_fallback_variant`.
 # ----------------------------------------------------------------------------------------
 
 VARIANTS = ("base", "wide", "gqa_pack", "sm90_ws")
-# Default from the H100 A/B (benchmarks/results/attention_variants_h100.json): gqa_pack was
-# 1.00x base on one causal 7168-token sequence and 1.04x on the packed mixed batch.
-_DEFAULT_VARIANT = "gqa_pack"
+# Default: the Gluon kernel where it can run (Hopper, head_dim 128, an even GQA group,
+# self-attention; 1.13-1.26x gqa_pack on the H100, attention_sm90_h100.json), else
+# `_fallback_variant`: gqa_pack, or base for one causal sequence (the earlier H100 A/B,
+# benchmarks/results/attention_variants_h100.json: gqa_pack was 1.00x base on one causal
+# 7168-token sequence and 1.04x on the packed mixed batch; attention_bench_h100.json: base
+# 4% ahead on the single causal sequence).
+_DEFAULT_VARIANT = "sm90_ws"
 
 # Extra candidates of the `wide` variant (added to the base list of the head_dim).
 _WIDE_EXTRA: dict[int, list[tuple[int, int, int, int]]] = {
@@ -542,24 +547,23 @@ def _variant_configs(variant: str, head_dim: int) -> list[tuple[int, int, int, i
     return list(_CONFIGS_BY_HEAD_DIM[head_dim])
 
 
-def _resolve_variant(variant: str | None, num_seqs: int = 2, causal: bool = False) -> str:
-    """`variant` argument, else SLIPSTREAM_FLASH_VARIANT (read on every call), else default.
-
-    The default is `gqa_pack`, except `base` for one causal sequence: on the H100 A/B runs
-    (benchmarks/results/attention_variants_h100.json, attention_bench_h100.json) base was
-    tied and then 4% ahead on the causal 7168-token case, while gqa_pack led by 3-4% on the
-    packed mixed batch and by 1-2% bidirectional.
-    """
+def _resolve_variant(variant: str | None) -> str:
+    """`variant` argument, else SLIPSTREAM_FLASH_VARIANT (read on every call), else default."""
     name = variant if variant is not None else os.environ.get("SLIPSTREAM_FLASH_VARIANT", "")
-    name = name.strip()
-    if not name:
-        name = "base" if causal and num_seqs == 1 else _DEFAULT_VARIANT
+    name = name.strip() or _DEFAULT_VARIANT
     if name not in VARIANTS:
         raise ValueError(
             f"flash_attn_varlen: unknown variant {name!r} (SLIPSTREAM_FLASH_VARIANT); "
             f"expected one of {VARIANTS}"
         )
     return name
+
+
+def _fallback_variant(num_seqs: int, causal: bool) -> str:
+    """The Triton kernel that runs a call `sm90_ws` cannot take: gqa_pack, except base for
+    one causal sequence (tied, then 4% ahead there on the H100 A/B runs:
+    benchmarks/results/attention_variants_h100.json, attention_bench_h100.json)."""
+    return "base" if causal and num_seqs == 1 else "gqa_pack"
 
 
 def _pack_for(group_size: int, block_m: int) -> int:
@@ -1058,7 +1062,7 @@ def _launch(
     interpreter, which always uses a small fixed config). `variant` (one of VARIANTS) overrides
     SLIPSTREAM_FLASH_VARIANT.
     """
-    variant = _resolve_variant(variant, cu_seqlens_q.shape[0] - 1, causal)
+    variant = _resolve_variant(variant)
     if not _fast_checks_pass(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
     ):
@@ -1114,7 +1118,7 @@ def _launch(
                 else:
                     sm90.launch(*run_sm90, *extra)
                 return
-        variant = "gqa_pack"
+        variant = _fallback_variant(cu_seqlens_q.shape[0] - 1, causal)
     if config is None:
         config = _INTERPRETER_BLOCKS if _interpret_mode() else _env_config(head_dim, variant)
     run = (args, meta, hq, hq // hkv, batch, q.shape[0], head_dim, config, variant)
