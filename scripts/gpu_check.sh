@@ -144,7 +144,7 @@ for stage in $STAGES; do
   sm90-sweep)
     log "sm90_ws settings vs gqa_pack"
     $PY scripts/attn_sm90_sweep.py --json "$RES/attention_sm90_sweep.json" --q-prologue \
-      --configs ${SWEEP_CONFIGS:-0,2,3 0,2,4} 2>&1 | tee "$RES/attention_sm90_sweep.log"
+      --configs ${SWEEP_CONFIGS:-2,3,1 2,3,0} 2>&1 | tee "$RES/attention_sm90_sweep.log"
     ;;
   tests-attn)
     log "pytest -m gpu, attention and fused kernels only"

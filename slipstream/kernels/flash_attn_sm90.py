@@ -29,6 +29,7 @@ Gluon kernels do not run under the Triton interpreter; the tests for this file a
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -41,7 +42,7 @@ BLOCK_N = 128  # keys per K/V tile
 K_STAGES = 2
 V_STAGES = 3
 PACK = 2  # query heads per program (one per consumer), sharing one kv head
-PINGPONG = False  # the consumers take turns issuing their multiplies (measured slower)
+CONSUMER_REGS = 232  # registers per consumer thread (setmaxnreg); the producer warp gets 24
 
 
 def gluon_available() -> bool:
@@ -104,27 +105,69 @@ except Exception as exc:  # pragma: no cover - depends on the Triton version
 if gluon is not None:
 
     @gluon.jit
+    def _tile(t, cu_seqlens, batch, num_groups, num_virtual, BLOCK_M: gl.constexpr):
+        # Tile t -> (head group, sequence start, length, first row m0). Tiles run in the
+        # order t = 0, 1, ...: virtual query blocks from the last down (the heaviest blocks
+        # of each causal sequence first), all head groups of one block side by side. Virtual
+        # blocks of sequence b are [cu[b] // BLOCK_M + b, cu[b+1] // BLOCK_M + b + 1): at
+        # least cdiv(L_b, BLOCK_M) of them and at most one spare (m0 >= L_b: skipped).
+        hgroup = t % num_groups
+        vblock = num_virtual - 1 - t // num_groups
+        lo = t * 0
+        hi = lo + batch
+        while lo < hi:
+            mid = (lo + hi) // 2
+            go_right = gl.load(cu_seqlens + mid) // BLOCK_M + mid <= vblock
+            lo = gl.where(go_right, mid + 1, lo)
+            hi = gl.where(go_right, hi, mid)
+        seq = lo - 1
+        start = gl.load(cu_seqlens + seq)
+        seqlen = gl.load(cu_seqlens + seq + 1) - start
+        m0 = (vblock - (start // BLOCK_M + seq)) * BLOCK_M
+        return hgroup, start, seqlen, m0
+
+    @gluon.jit
+    def _num_key_blocks(m0, seqlen, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
+                        BLOCK_N: gl.constexpr):  # fmt: skip
+        if CAUSAL:
+            return gl.cdiv(gl.minimum(m0 + BLOCK_M, seqlen), BLOCK_N)
+        else:
+            return gl.cdiv(seqlen, BLOCK_N)
+
+    @gluon.jit
     def _producer(
-        k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
-        k_row0, kv_col, n_blocks,
-        BLOCK_N: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+        k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_free, v_free, cu_seqlens,
+        batch, num_groups, num_virtual, num_tiles, group_size,
+        CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+        HEAD_DIM: gl.constexpr, PACK: gl.constexpr, K_STAGES: gl.constexpr,
+        V_STAGES: gl.constexpr,
     ):  # fmt: skip
-        # One warp: stream K_j and V_j into their rings once both consumers freed the stage.
-        for j in range(n_blocks):
-            sk = j % K_STAGES
-            sv = j % V_STAGES
-            row = k_row0 + j * BLOCK_N
-            # A fresh barrier passes a wait on phase 1 at once: the first lap never waits.
-            mbarrier.wait(k_free.index(sk), ((j // K_STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(
-                k_desc, [row, kv_col], k_ready.index(sk), k_smem.index(sk)
-            )
-            mbarrier.wait(v_free.index(sv), ((j // V_STAGES) & 1) ^ 1)
-            mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-            tma.async_copy_global_to_shared(
-                v_desc, [row, kv_col], v_ready.index(sv), v_smem.index(sv)
-            )
+        # One warp: stream every tile's K and V blocks into the two rings, each stage once
+        # both consumers freed it. `g` counts blocks over all of this program's tiles, so
+        # the next tile's first blocks load while the consumers finish the current one.
+        g = 0
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            hgroup, start, seqlen, m0 = _tile(t, cu_seqlens, batch, num_groups, num_virtual,
+                                              BLOCK_M)  # fmt: skip
+            if m0 < seqlen:
+                kv_col = (hgroup * PACK // group_size) * HEAD_DIM
+                n_blocks = _num_key_blocks(m0, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+                for j in range(n_blocks):
+                    sk = g % K_STAGES
+                    sv = g % V_STAGES
+                    row = start + j * BLOCK_N
+                    # A fresh barrier passes a wait on phase 1 at once: the first lap runs free.
+                    mbarrier.wait(k_free.index(sk), ((g // K_STAGES) & 1) ^ 1)
+                    mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(
+                        k_desc, [row, kv_col], k_ready.index(sk), k_smem.index(sk)
+                    )
+                    mbarrier.wait(v_free.index(sv), ((g // V_STAGES) & 1) ^ 1)
+                    mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
+                    tma.async_copy_global_to_shared(
+                        v_desc, [row, kv_col], v_ready.index(sv), v_smem.index(sv)
+                    )
+                    g += 1
 
     @gluon.jit
     def _softmax_step(
@@ -150,92 +193,56 @@ if gluon is not None:
 
     @gluon.jit
     def _key_block(
-        j, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
-        my_turn, other_turn, s_zero, cols0, rows, seqlen_k, qk_scale,
+        j, g0, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_free,
+        v_free, s_zero, cols0, rows, seqlen_k, qk_scale,
         CAUSAL: gl.constexpr, MASKED: gl.constexpr, P_LAYOUT: gl.constexpr,
         O_LAYOUT: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
         BLOCK_N: gl.constexpr,
-        PINGPONG: gl.constexpr,
     ):  # fmt: skip
-        # Key block j >= 1 (FlashAttention-3's in-warpgroup overlap): issue QK^T of block j;
-        # rescale the accumulator to block j-1's running max while it runs; issue
-        # P_{j-1} @ V_{j-1}; once QK^T is back, block j's softmax runs while P @ V is still
-        # on the tensor cores. P_j becomes a wgmma operand only after that multiply retires.
-        s = j % K_STAGES
-        sp = (j - 1) % V_STAGES
-        if PINGPONG:
-            mbarrier.wait(my_turn, j & 1)
-        mbarrier.wait(k_ready.index(s), (j // K_STAGES) & 1)
+        # Key block j >= 1 of the tile (ring index g0 + j), FlashAttention-3's in-warpgroup
+        # overlap: issue QK^T of block j; rescale the accumulator to block j-1's running max
+        # while it runs; issue P_{j-1} @ V_{j-1}; once QK^T is back, block j's softmax runs
+        # while P @ V is still on the tensor cores. P_j becomes a wgmma operand only after
+        # that multiply retires.
+        g = g0 + j
+        s = g % K_STAGES
+        sp = (g - 1) % V_STAGES
+        mbarrier.wait(k_ready.index(s), (g // K_STAGES) & 1)
         s_acc = warpgroup_mma(
             q_smem, k_smem.index(s).permute((1, 0)), s_zero, use_acc=False, is_async=True
         )
         acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, O_LAYOUT)), 1)
-        mbarrier.wait(v_ready.index(sp), ((j - 1) // V_STAGES) & 1)
+        mbarrier.wait(v_ready.index(sp), ((g - 1) // V_STAGES) & 1)
         acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(other_turn, count=1)
         # Groups retire in order: with one left outstanding, QK^T of block j is done. Free
         # K_j, and V_{j-2}, whose P @ V retired in the previous call. (V_{j-1} is freed one
         # block later: an mbarrier arrive costs a partition barrier, and ptxas hoists a wgmma
         # wait that precedes a barrier above the softmax, which would end the overlap.)
         s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc,))
         mbarrier.arrive(k_free.index(s), count=1)
-        mbarrier.arrive(v_free.index((j + V_STAGES - 2) % V_STAGES), count=1, pred=j >= 2)
+        mbarrier.arrive(v_free.index((g + V_STAGES - 2) % V_STAGES), count=1, pred=j >= 2)
         p32, m_i, l_i, alpha = _softmax_step(
             s_acc, m_i, l_i, cols0, rows, j * BLOCK_N, seqlen_k, qk_scale,
             CAUSAL=CAUSAL, MASKED=MASKED,
         )  # fmt: skip
-        # p32 passes through the wait so that its conversion cannot be scheduled above it:
-        # ptxas writes the converted P into the registers the in-flight P @ V still reads,
-        # and would hoist the wait (and end the overlap) to do so.
+        # p32 passes through the wait so that its conversion cannot be scheduled above it.
         acc, p, p32 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p, p32))
         p = gl.convert_layout(p32.to(p.dtype), P_LAYOUT)
         return p, acc, m_i, l_i, alpha
 
     @gluon.jit
     def _consumer(
-        Q, Out, QW, COS, SIN, q_smem, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
-        my_turn, other_turn, q_start, seqlen_q, seqlen_k, m0, head, n_blocks,
+        Q, Out, QW, COS, SIN, cu_seqlens, q_smem, k_smem, v_smem, k_ready, v_ready, k_free,
+        v_free, batch, num_groups, num_virtual, num_tiles, which,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_cos, stride_sin, q_eps, qk_scale,
-        CAUSAL: gl.constexpr, Q_ROPE: gl.constexpr,
-        BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
-        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, PINGPONG: gl.constexpr,
+        CAUSAL: gl.constexpr, Q_ROPE: gl.constexpr, BLOCK_M: gl.constexpr,
+        BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PACK: gl.constexpr,
+        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
     ):  # fmt: skip
+        # One warpgroup, query head `which` of each tile's head pair: 64 rows per tile.
         dtype: gl.constexpr = Q.dtype.element_ty
         HALF: gl.constexpr = HEAD_DIM // 2
-        # ---- the Q tile: load, (q RMSNorm + NeoX rotary), into shared memory for wgmma ----
         ld: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
-        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
-        pos = m0 + r
-        row_ok = gl.expand_dims(pos < seqlen_q, 1)
-        tok = (q_start + pos).to(gl.int64)
-        q_rows = Q + gl.expand_dims(tok * stride_qt + head * stride_qh, 1)
-        x = gl.load(q_rows + gl.expand_dims(d, 0), mask=row_ok, other=0.0)
-        if Q_ROPE:
-            # Same float32 math and roundings as flash_attn._load_q_norm_rope; the partner
-            # element (d + D/2) mod D is read a second time instead of splitting the tile.
-            dp = (d + HALF) % HEAD_DIM
-            xf = x.to(gl.float32)
-            xpf = gl.load(q_rows + gl.expand_dims(dp, 0), mask=row_ok, other=0.0).to(gl.float32)
-            rstd = gl.expand_dims(gl.rsqrt(gl.sum(xf * xf, axis=1) / HEAD_DIM + q_eps), 1)
-            w = gl.expand_dims(gl.load(QW + d).to(gl.float32), 0)
-            wp = gl.expand_dims(gl.load(QW + dp).to(gl.float32), 0)
-            n = ((xf * rstd).to(dtype).to(gl.float32) * w).to(dtype).to(gl.float32)
-            npart = ((xpf * rstd).to(dtype).to(gl.float32) * wp).to(dtype).to(gl.float32)
-            dh = gl.expand_dims(d % HALF, 0)
-            c = gl.load(COS + gl.expand_dims(tok * stride_cos, 1) + dh, mask=row_ok, other=0.0)
-            sn = gl.load(SIN + gl.expand_dims(tok * stride_sin, 1) + dh, mask=row_ok, other=0.0)
-            c = c.to(dtype).to(gl.float32)
-            sn = sn.to(dtype).to(gl.float32)
-            sign = gl.expand_dims(gl.where(d < HALF, -1.0, 1.0), 0)
-            x = (
-                (n * c).to(dtype).to(gl.float32) + (sign * (npart * sn)).to(dtype).to(gl.float32)
-            ).to(dtype)
-        q_smem.store(x)
-        fence_async_shared()
-
-        # ---- the key loop ----
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
         )
@@ -243,115 +250,134 @@ if gluon is not None:
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
         )
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
+        d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
         cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        # Key blocks [0, n_full) are visible to every row of the tile: no mask.
-        if CAUSAL:
-            n_full = (m0 + 1) // BLOCK_N
-        else:
-            n_full = seqlen_k // BLOCK_N
         s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
-        m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
-        acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
-
-        # PINGPONG: the two consumers take turns issuing their multiplies (event e of one
-        # waits for event e - 1 of the other), so one's softmax runs under the other's wgmma.
-        if PINGPONG:
-            mbarrier.wait(my_turn, 0)
-        mbarrier.wait(k_ready.index(0), 0)
-        s_acc = warpgroup_mma(
-            q_smem, k_smem.index(0).permute((1, 0)), s_zero, use_acc=False, is_async=True
-        )
-        if PINGPONG:
-            mbarrier.arrive(other_turn, count=1)
-        s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc,))
-        mbarrier.arrive(k_free.index(0), count=1)
-        if n_full > 0:
-            p32, m_i, l_i, alpha = _softmax_step(
-                s_acc, m_i, l_i, cols0, rows, 0, seqlen_k, qk_scale, CAUSAL=CAUSAL, MASKED=False
-            )
-        else:
-            p32, m_i, l_i, alpha = _softmax_step(
-                s_acc, m_i, l_i, cols0, rows, 0, seqlen_k, qk_scale, CAUSAL=CAUSAL, MASKED=True
-            )
-        p = gl.convert_layout(p32.to(dtype), p_layout)
-        for j in range(1, n_full):
-            p, acc, m_i, l_i, alpha = _key_block(
-                j, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_free,
-                v_free, my_turn, other_turn, s_zero, cols0, rows, seqlen_k, qk_scale,
-                CAUSAL=CAUSAL, MASKED=False, P_LAYOUT=p_layout, O_LAYOUT=o_layout,
-                K_STAGES=K_STAGES, V_STAGES=V_STAGES, BLOCK_N=BLOCK_N, PINGPONG=PINGPONG,
-            )  # fmt: skip
-        for j in range(gl.maximum(n_full, 1), n_blocks):
-            p, acc, m_i, l_i, alpha = _key_block(
-                j, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_free,
-                v_free, my_turn, other_turn, s_zero, cols0, rows, seqlen_k, qk_scale,
-                CAUSAL=CAUSAL, MASKED=True, P_LAYOUT=p_layout, O_LAYOUT=o_layout,
-                K_STAGES=K_STAGES, V_STAGES=V_STAGES, BLOCK_N=BLOCK_N, PINGPONG=PINGPONG,
-            )  # fmt: skip
-        sp = (n_blocks - 1) % V_STAGES
-        if PINGPONG:
-            mbarrier.wait(my_turn, n_blocks & 1)
-        mbarrier.wait(v_ready.index(sp), ((n_blocks - 1) // V_STAGES) & 1)
-        acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
-        acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
-        if PINGPONG:
-            mbarrier.arrive(other_turn, count=1)
-        acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
-        # (V_{n-2} and V_{n-1} are never freed: the producer loads nothing after them.)
-
-        # ---- epilogue: normalise and store straight into `out` ----
-        l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
-        l_o = gl.where(l_o == 0.0, 1.0, l_o)
-        o = (acc / gl.expand_dims(l_o, 1)).to(dtype)
         o_r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
-        o_pos = m0 + o_r
-        o_tok = (q_start + o_pos).to(gl.int64)
-        o_ptrs = (
-            Out + gl.expand_dims(o_tok * stride_ot + head * stride_oh, 1) + gl.expand_dims(o_d, 0)
-        )
-        gl.store(o_ptrs, o, mask=gl.expand_dims(o_pos < seqlen_q, 1))
+
+        g0 = 0  # ring index of the tile's first key block (same count as the producer's)
+        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+            hgroup, q_start, seqlen, m0 = _tile(t, cu_seqlens, batch, num_groups, num_virtual,
+                                                BLOCK_M)  # fmt: skip
+            if m0 < seqlen:
+                head = hgroup * PACK + which
+                n_blocks = _num_key_blocks(m0, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
+                # ---- the Q tile: load, (q RMSNorm + NeoX rotary), into shared memory ----
+                pos = m0 + r
+                row_ok = gl.expand_dims(pos < seqlen, 1)
+                tok = (q_start + pos).to(gl.int64)
+                q_rows = Q + gl.expand_dims(tok * stride_qt + head * stride_qh, 1)
+                x = gl.load(q_rows + gl.expand_dims(d, 0), mask=row_ok, other=0.0)
+                if Q_ROPE:
+                    # Same float32 math and roundings as flash_attn._load_q_norm_rope; the
+                    # partner element (d + D/2) mod D is read a second time instead of
+                    # splitting the tile.
+                    dp = (d + HALF) % HEAD_DIM
+                    xf = x.to(gl.float32)
+                    xpf = gl.load(q_rows + gl.expand_dims(dp, 0), mask=row_ok, other=0.0)
+                    xpf = xpf.to(gl.float32)
+                    rstd = gl.rsqrt(gl.sum(xf * xf, axis=1) / HEAD_DIM + q_eps)
+                    rstd = gl.expand_dims(rstd, 1)
+                    w = gl.expand_dims(gl.load(QW + d).to(gl.float32), 0)
+                    wp = gl.expand_dims(gl.load(QW + dp).to(gl.float32), 0)
+                    n = ((xf * rstd).to(dtype).to(gl.float32) * w).to(dtype).to(gl.float32)
+                    npart = ((xpf * rstd).to(dtype).to(gl.float32) * wp).to(dtype)
+                    npart = npart.to(gl.float32)
+                    dh = gl.expand_dims(d % HALF, 0)
+                    c = gl.load(COS + gl.expand_dims(tok * stride_cos, 1) + dh, mask=row_ok,
+                                other=0.0).to(dtype).to(gl.float32)  # fmt: skip
+                    sn = gl.load(SIN + gl.expand_dims(tok * stride_sin, 1) + dh, mask=row_ok,
+                                 other=0.0).to(dtype).to(gl.float32)  # fmt: skip
+                    sign = gl.expand_dims(gl.where(d < HALF, -1.0, 1.0), 0)
+                    rot = (sign * (npart * sn)).to(dtype).to(gl.float32)
+                    x = ((n * c).to(dtype).to(gl.float32) + rot).to(dtype)
+                # The previous tile's multiplies have all retired (wait 0 below), so the
+                # buffer is free; the fence orders these writes before the wgmma reads.
+                q_smem.store(x)
+                fence_async_shared()
+
+                # ---- the key loop: blocks [0, n_full) need no mask ----
+                rows = m0 + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+                if CAUSAL:
+                    n_full = (m0 + 1) // BLOCK_N
+                else:
+                    n_full = seqlen // BLOCK_N
+                m_i = gl.full([BLOCK_M], -1.0e30, gl.float32, gl.SliceLayout(1, s_layout))
+                l_i = gl.zeros([BLOCK_M], gl.float32, gl.SliceLayout(1, s_layout))
+                acc = gl.zeros([BLOCK_M, HEAD_DIM], gl.float32, o_layout)
+
+                s0 = g0 % K_STAGES
+                mbarrier.wait(k_ready.index(s0), (g0 // K_STAGES) & 1)
+                s_acc = warpgroup_mma(
+                    q_smem, k_smem.index(s0).permute((1, 0)), s_zero, use_acc=False,
+                    is_async=True,
+                )  # fmt: skip
+                s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc,))
+                mbarrier.arrive(k_free.index(s0), count=1)
+                if n_full > 0:
+                    p32, m_i, l_i, alpha = _softmax_step(
+                        s_acc, m_i, l_i, cols0, rows, 0, seqlen, qk_scale, CAUSAL=CAUSAL,
+                        MASKED=False,
+                    )  # fmt: skip
+                else:
+                    p32, m_i, l_i, alpha = _softmax_step(
+                        s_acc, m_i, l_i, cols0, rows, 0, seqlen, qk_scale, CAUSAL=CAUSAL,
+                        MASKED=True,
+                    )  # fmt: skip
+                p = gl.convert_layout(p32.to(dtype), p_layout)
+                for j in range(1, n_full):
+                    p, acc, m_i, l_i, alpha = _key_block(
+                        j, g0, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready,
+                        v_ready, k_free, v_free, s_zero, cols0, rows, seqlen, qk_scale,
+                        CAUSAL=CAUSAL, MASKED=False, P_LAYOUT=p_layout, O_LAYOUT=o_layout,
+                        K_STAGES=K_STAGES, V_STAGES=V_STAGES, BLOCK_N=BLOCK_N,
+                    )  # fmt: skip
+                for j in range(gl.maximum(n_full, 1), n_blocks):
+                    p, acc, m_i, l_i, alpha = _key_block(
+                        j, g0, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready,
+                        v_ready, k_free, v_free, s_zero, cols0, rows, seqlen, qk_scale,
+                        CAUSAL=CAUSAL, MASKED=True, P_LAYOUT=p_layout, O_LAYOUT=o_layout,
+                        K_STAGES=K_STAGES, V_STAGES=V_STAGES, BLOCK_N=BLOCK_N,
+                    )  # fmt: skip
+                g_last = g0 + n_blocks - 1
+                sp = g_last % V_STAGES
+                mbarrier.wait(v_ready.index(sp), (g_last // V_STAGES) & 1)
+                acc = acc * gl.expand_dims(gl.convert_layout(alpha, gl.SliceLayout(1, o_layout)), 1)
+                acc = warpgroup_mma(p, v_smem.index(sp), acc, is_async=True)
+                acc, p = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p))
+                # The tile's last two V blocks were not freed in the loop.
+                mbarrier.arrive(v_free.index((g_last + V_STAGES - 1) % V_STAGES), count=1,
+                                pred=n_blocks >= 2)  # fmt: skip
+                mbarrier.arrive(v_free.index(sp), count=1)
+                g0 += n_blocks
+
+                # ---- epilogue: normalise and store straight into `out` ----
+                l_o = gl.convert_layout(l_i, gl.SliceLayout(1, o_layout))
+                l_o = gl.where(l_o == 0.0, 1.0, l_o)
+                o = (acc / gl.expand_dims(l_o, 1)).to(dtype)
+                o_pos = m0 + o_r
+                o_tok = (q_start + o_pos).to(gl.int64)
+                o_ptrs = Out + gl.expand_dims(o_tok * stride_ot + head * stride_oh, 1)
+                o_ptrs = o_ptrs + gl.expand_dims(o_d, 0)
+                gl.store(o_ptrs, o, mask=gl.expand_dims(o_pos < seqlen, 1))
 
     @gluon.jit
     def _kernel(
         Q, k_desc, v_desc, Out, cu_seqlens, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
-        batch, num_heads_q, group_size,
+        batch, num_heads_q, group_size, num_virtual,
         QW, COS, SIN, stride_cos, stride_sin, q_eps,
         CAUSAL: gl.constexpr, Q_ROPE: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, PACK: gl.constexpr,
-        PINGPONG: gl.constexpr,
+        CONSUMER_REGS: gl.constexpr,
     ):  # fmt: skip
-        # Grid: (Hq // PACK) head pairs x (T // BLOCK_M + B) virtual query blocks, the last
-        # (heaviest for causal) first, as in flash_attn.py's kernels.
-        pid = gl.program_id(0)
+        # Persistent: each program runs tiles pid, pid + grid, ... (see _tile), one tile =
+        # one head pair x BLOCK_M query positions of one sequence.
         num_groups = num_heads_q // PACK
-        hgroup = pid % num_groups
-        num_virtual = gl.num_programs(0) // num_groups
-        vblock = num_virtual - 1 - pid // num_groups
-        lo = pid * 0
-        hi = lo + batch
-        while lo < hi:
-            mid = (lo + hi) // 2
-            go_right = gl.load(cu_seqlens + mid) // BLOCK_M + mid <= vblock
-            lo = gl.where(go_right, mid + 1, lo)
-            hi = gl.where(go_right, hi, mid)
-        seq = lo - 1
-        q_start = gl.load(cu_seqlens + seq)
-        seqlen = gl.load(cu_seqlens + seq + 1) - q_start
-        m0 = (vblock - (q_start // BLOCK_M + seq)) * BLOCK_M
-        if m0 >= seqlen:
-            return
-        head0 = hgroup * PACK
-        kv_head = head0 // group_size
-        if CAUSAL:
-            n_blocks = gl.cdiv(gl.minimum(m0 + BLOCK_M, seqlen), BLOCK_N)
-        else:
-            n_blocks = gl.cdiv(seqlen, BLOCK_N)
-
+        num_tiles = num_groups * num_virtual
         dtype: gl.constexpr = Q.dtype.element_ty
         q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
         q_smem0 = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
@@ -368,137 +394,57 @@ if gluon is not None:
         for i in gl.static_range(V_STAGES):
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_free.index(i), count=PACK)
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(turn.index(0), count=1)
-        mbarrier.init(turn.index(1), count=1)
-        if PINGPONG:
-            mbarrier.arrive(turn.index(0), count=1)  # consumer 0 goes first
 
-        kv_col = kv_head * HEAD_DIM
+        # fmt: off
         gl.warp_specialize(
             [
-                (
-                    _consumer,
-                    (
-                        Q,
-                        Out,
-                        QW,
-                        COS,
-                        SIN,
-                        q_smem0,
-                        k_smem,
-                        v_smem,
-                        k_ready,
-                        v_ready,
-                        k_free,
-                        v_free,
-                        turn.index(0),
-                        turn.index(1),
-                        q_start,
-                        seqlen,
-                        seqlen,
-                        m0,
-                        head0,
-                        n_blocks,
-                        stride_qt,
-                        stride_qh,
-                        stride_ot,
-                        stride_oh,
-                        stride_cos,
-                        stride_sin,
-                        q_eps,
-                        qk_scale,
-                        CAUSAL,
-                        Q_ROPE,
-                        BLOCK_M,
-                        BLOCK_N,
-                        HEAD_DIM,
-                        K_STAGES,
-                        V_STAGES,
-                        PINGPONG,
-                    ),
-                ),
-                (
-                    _consumer,
-                    (
-                        Q,
-                        Out,
-                        QW,
-                        COS,
-                        SIN,
-                        q_smem1,
-                        k_smem,
-                        v_smem,
-                        k_ready,
-                        v_ready,
-                        k_free,
-                        v_free,
-                        turn.index(1),
-                        turn.index(0),
-                        q_start,
-                        seqlen,
-                        seqlen,
-                        m0,
-                        head0 + 1,
-                        n_blocks,
-                        stride_qt,
-                        stride_qh,
-                        stride_ot,
-                        stride_oh,
-                        stride_cos,
-                        stride_sin,
-                        q_eps,
-                        qk_scale,
-                        CAUSAL,
-                        Q_ROPE,
-                        BLOCK_M,
-                        BLOCK_N,
-                        HEAD_DIM,
-                        K_STAGES,
-                        V_STAGES,
-                        PINGPONG,
-                    ),
-                ),
-                (
-                    _producer,
-                    (
-                        k_desc,
-                        v_desc,
-                        k_smem,
-                        v_smem,
-                        k_ready,
-                        v_ready,
-                        k_free,
-                        v_free,
-                        q_start,
-                        kv_col,
-                        n_blocks,
-                        BLOCK_N,
-                        K_STAGES,
-                        V_STAGES,
-                    ),
-                ),
-            ],  # fmt: skip
+                (_consumer, (
+                    Q, Out, QW, COS, SIN, cu_seqlens, q_smem0, k_smem, v_smem, k_ready,
+                    v_ready, k_free, v_free, batch, num_groups, num_virtual, num_tiles, 0,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cos, stride_sin, q_eps,
+                    qk_scale, CAUSAL, Q_ROPE, BLOCK_M, BLOCK_N, HEAD_DIM, PACK, K_STAGES,
+                    V_STAGES,
+                )),
+                (_consumer, (
+                    Q, Out, QW, COS, SIN, cu_seqlens, q_smem1, k_smem, v_smem, k_ready,
+                    v_ready, k_free, v_free, batch, num_groups, num_virtual, num_tiles, 1,
+                    stride_qt, stride_qh, stride_ot, stride_oh, stride_cos, stride_sin, q_eps,
+                    qk_scale, CAUSAL, Q_ROPE, BLOCK_M, BLOCK_N, HEAD_DIM, PACK, K_STAGES,
+                    V_STAGES,
+                )),
+                (_producer, (
+                    k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
+                    cu_seqlens, batch, num_groups, num_virtual, num_tiles, group_size, CAUSAL,
+                    BLOCK_M, BLOCK_N, HEAD_DIM, PACK, K_STAGES, V_STAGES,
+                )),
+            ],
             [4, 1],
-            [232, 24],
+            [CONSUMER_REGS, 24],
         )
+        # fmt: on
 
 
-def _config() -> tuple[bool, int, int]:
-    """(pingpong, K stages, V stages): the defaults, or SLIPSTREAM_SM90_CONFIG="PP,KS,VS" (A/B)."""
+_CONFIG_KEYS = ("K_STAGES", "V_STAGES", "CTAS_PER_SM")
+
+
+def _config() -> dict[str, int]:
+    """K/V ring depths and programs per SM: the defaults, or SLIPSTREAM_SM90_CONFIG="KS,VS,P"
+    (A/B runs; P = 1: a persistent grid of one program per SM, 0: one program per tile)."""
     raw = os.environ.get("SLIPSTREAM_SM90_CONFIG", "").strip()
     if not raw:
-        return PINGPONG, K_STAGES, V_STAGES
-    msg = (
-        f"SLIPSTREAM_SM90_CONFIG must be 'PINGPONG,K_STAGES,V_STAGES' (0|1, 2-4, 2-4), got {raw!r}"
-    )
+        return {"K_STAGES": K_STAGES, "V_STAGES": V_STAGES, "CTAS_PER_SM": 1}
     try:
-        pp, ks, vs = (int(x) for x in raw.split(","))
+        ks, vs, per_sm = (int(x) for x in raw.split(","))
     except ValueError:
-        raise ValueError(msg) from None
-    if pp not in (0, 1) or not 2 <= ks <= 4 or not 2 <= vs <= 4:
-        raise ValueError(msg)
-    return bool(pp), ks, vs
+        ks = vs = per_sm = -1
+    if not (2 <= ks <= 4 and 2 <= vs <= 4 and per_sm in (0, 1)):
+        raise ValueError(f"SLIPSTREAM_SM90_CONFIG must be 'K_STAGES,V_STAGES,P', got {raw!r}")
+    return {"K_STAGES": ks, "V_STAGES": vs, "CTAS_PER_SM": per_sm}
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
 
 
 def launch(
@@ -527,16 +473,19 @@ def launch(
         for t in (k, v)
     ]
     q_rope = q_norm_weight is not None
-    pingpong, k_stages, v_stages = _config()
-    grid = ((hq // PACK) * (total // BLOCK_M + batch),)
+    cfg = _config()
+    num_virtual = total // BLOCK_M + batch
+    tiles = (hq // PACK) * num_virtual
+    grid = (min(tiles, _num_sms(q.device.index)) if cfg["CTAS_PER_SM"] else tiles,)
+    # fmt: off
     kernel[grid](
         q, descs[0], descs[1], out, cu_seqlens, qk_scale,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        batch, hq, hq // hkv,
+        batch, hq, hq // hkv, num_virtual,
         *((q_norm_weight, cos, sin, cos.stride(0), sin.stride(0), float(q_norm_eps))
           if q_rope else (q, q, q, 0, 0, 0.0)),
-        CAUSAL=bool(causal), Q_ROPE=q_rope,
-        BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM, K_STAGES=k_stages, V_STAGES=v_stages,
-        PACK=PACK,
-        PINGPONG=pingpong, num_warps=4,
-    )  # fmt: skip
+        CAUSAL=bool(causal), Q_ROPE=q_rope, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+        K_STAGES=cfg["K_STAGES"], V_STAGES=cfg["V_STAGES"], PACK=PACK,
+        CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
+    )
+    # fmt: on
