@@ -58,6 +58,11 @@ VARIANTS = [
      {"SLIPSTREAM_FLASH_VARIANT": "gqa_pack"}, True),
     ("fp8 skip2 sm90", {"quantization": "fp8", "fp8_skip_layers": 2},
      {"SLIPSTREAM_FLASH_VARIANT": "sm90_ws"}, True),
+    # the sm90 kernel on a persistent grid (default) vs one program per tile
+    ("bf16 sm90 per-tile", {}, {"SLIPSTREAM_FLASH_VARIANT": "sm90_ws",
+                                "SLIPSTREAM_SM90_CONFIG": "2,3,0"}, True),
+    ("fp8 skip2 sm90 per-tile", {"quantization": "fp8", "fp8_skip_layers": 2},
+     {"SLIPSTREAM_FLASH_VARIANT": "sm90_ws", "SLIPSTREAM_SM90_CONFIG": "2,3,0"}, True),
 ]  # fmt: skip
 
 

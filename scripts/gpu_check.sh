@@ -121,7 +121,8 @@ for stage in $STAGES; do
     round4-ab) what="residual add in the GEMM epilogue"
       only="bf16 no-resgemm,fp8 skip2,fp8 skip2 no-resgemm"; reps=5 ;;
     sm90-ab) what="attention: Triton gqa_pack vs Gluon sm90_ws"
-      only="bf16 gqa_pack,bf16 sm90,fp8 skip2 gqa_pack,fp8 skip2 sm90"; reps=5 ;;
+      only="bf16 gqa_pack,bf16 sm90,bf16 sm90 per-tile,fp8 skip2 gqa_pack,fp8 skip2 sm90,fp8 skip2 sm90 per-tile"
+      reps=5 ;;
     batch-ab) what="forwards of 16,384 (default) vs 65,536 tokens"
       only="bf16 65k,fp8 skip2,fp8 skip2 65k"; reps=5 ;;
     esac

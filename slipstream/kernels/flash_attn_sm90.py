@@ -127,6 +127,15 @@ if gluon is not None:
         return hgroup, start, seqlen, m0
 
     @gluon.jit
+    def _snake(t0, nprog):
+        # Round t0 // nprog's tile for this program (t0 = round * nprog + pid): rounds
+        # alternate direction, so with tiles in falling order of work every program's total
+        # evens out (a static schedule close to longest-first).
+        r = t0 // nprog
+        p = t0 - r * nprog
+        return r * nprog + p + (r % 2) * (nprog - 1 - 2 * p)
+
+    @gluon.jit
     def _num_key_blocks(m0, seqlen, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr):  # fmt: skip
         if CAUSAL:
@@ -146,10 +155,12 @@ if gluon is not None:
         # both consumers freed it. `g` counts blocks over all of this program's tiles, so
         # the next tile's first blocks load while the consumers finish the current one.
         g = 0
-        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        nprog = gl.num_programs(0)
+        for t0 in range(gl.program_id(0), gl.cdiv(num_tiles, nprog) * nprog, nprog):
+            t = _snake(t0, nprog)
             hgroup, start, seqlen, m0 = _tile(t, cu_seqlens, batch, num_groups, num_virtual,
                                               BLOCK_M)  # fmt: skip
-            if m0 < seqlen:
+            if (t < num_tiles) & (m0 < seqlen):
                 kv_col = (hgroup * PACK // group_size) * HEAD_DIM
                 n_blocks = _num_key_blocks(m0, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
                 for j in range(n_blocks):
@@ -258,10 +269,12 @@ if gluon is not None:
         o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
 
         g0 = 0  # ring index of the tile's first key block (same count as the producer's)
-        for t in range(gl.program_id(0), num_tiles, gl.num_programs(0)):
+        nprog = gl.num_programs(0)
+        for t0 in range(gl.program_id(0), gl.cdiv(num_tiles, nprog) * nprog, nprog):
+            t = _snake(t0, nprog)
             hgroup, q_start, seqlen, m0 = _tile(t, cu_seqlens, batch, num_groups, num_virtual,
                                                 BLOCK_M)  # fmt: skip
-            if m0 < seqlen:
+            if (t < num_tiles) & (m0 < seqlen):
                 head = hgroup * PACK + which
                 n_blocks = _num_key_blocks(m0, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
                 # ---- the Q tile: load, (q RMSNorm + NeoX rotary), into shared memory ----
@@ -374,7 +387,7 @@ if gluon is not None:
         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, PACK: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
     ):  # fmt: skip
-        # Persistent: each program runs tiles pid, pid + grid, ... (see _tile), one tile =
+        # Persistent: each program runs one tile per round (see _snake and _tile), one tile =
         # one head pair x BLOCK_M query positions of one sequence.
         num_groups = num_heads_q // PACK
         num_tiles = num_groups * num_virtual
