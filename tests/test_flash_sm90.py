@@ -190,3 +190,39 @@ def test_gpu_writes_only_its_rows_and_nothing_else(monkeypatch: pytest.MonkeyPat
     assert torch.equal(big[:, 16 * 128 :], torch.full_like(big[:, 16 * 128 :], 7.0))
     want = reference(q, k, v, cu, cu, True)
     assert (out.double() - want).abs().max().item() <= 2e-2
+
+
+def test_config_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("SLIPSTREAM_SM90_CONFIG", raising=False)
+    assert sm90._config() == {
+        "K_STAGES": sm90.K_STAGES, "V_STAGES": sm90.V_STAGES, "CTAS_PER_SM": sm90.PERSISTENT
+    }  # fmt: skip
+    monkeypatch.setenv("SLIPSTREAM_SM90_CONFIG", "3,2,1")
+    assert sm90._config() == {"K_STAGES": 3, "V_STAGES": 2, "CTAS_PER_SM": 1}
+    for bad in ("2,3", "2,3,2", "1,3,0", "a,b,c"):
+        monkeypatch.setenv("SLIPSTREAM_SM90_CONFIG", bad)
+        with pytest.raises(ValueError, match="SLIPSTREAM_SM90_CONFIG"):
+            sm90._config()
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("lens", [[7168], [1000, 1, 3001, 17, 640, 2048], [5, 3]])
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_persistent_grid_equals_one_program_per_tile(
+    lens: list[int], causal: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The persistent grid (snake tile order, K/V ring carried across tiles) runs the same
+    arithmetic per tile: bitwise the same output as one program per tile."""
+    _, q, k, v = _qkv(lens, 16, 8, 128, torch.bfloat16, "cuda", seed=4)
+    cu = cu_from_lens(lens, "cuda")
+    monkeypatch.setenv("SLIPSTREAM_FLASH_VARIANT", "sm90_ws")
+    outs = []
+    for cfg in ("2,3,0", "2,3,1", "3,3,1"):
+        monkeypatch.setenv("SLIPSTREAM_SM90_CONFIG", cfg)
+        out = torch.full_like(q, float("nan"))
+        fa.flash_attn_varlen(q, k, v, out, cu, cu, max(lens), max(lens), causal=causal)
+        outs.append(out)
+    torch.cuda.synchronize()
+    assert not torch.isnan(outs[0]).any()
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

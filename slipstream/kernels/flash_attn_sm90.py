@@ -43,6 +43,11 @@ K_STAGES = 2
 V_STAGES = 3
 PACK = 2  # query heads per program (one per consumer), sharing one kv head
 CONSUMER_REGS = 232  # registers per consumer thread (setmaxnreg); the producer warp gets 24
+# One program per tile (0) or a persistent grid of one program per SM (1). The kernel loops over
+# tiles either way; on the H100 the persistent grid was not faster end to end (sm90_ab_mixed_h100
+# _run2.json) and mixed on the packed microbenchmarks (attention_sm90_sweep{4,5}_h100.json), so it is an
+# A/B option (SLIPSTREAM_SM90_CONFIG) and off.
+PERSISTENT = 0
 
 
 def gluon_available() -> bool:
@@ -157,8 +162,10 @@ if gluon is not None:
         g = 0
         nprog = gl.num_programs(0)
         for t0 in range(gl.program_id(0), gl.cdiv(num_tiles, nprog) * nprog, nprog):
+            # The last round may run past the tiles: read a real tile's bounds, skip it below.
             t = _snake(t0, nprog)
-            hgroup, start, seqlen, m0 = _tile(t, cu_seqlens, batch, num_groups, num_virtual,
+            tile = gl.minimum(t, num_tiles - 1)
+            hgroup, start, seqlen, m0 = _tile(tile, cu_seqlens, batch, num_groups, num_virtual,
                                               BLOCK_M)  # fmt: skip
             if (t < num_tiles) & (m0 < seqlen):
                 kv_col = (hgroup * PACK // group_size) * HEAD_DIM
@@ -271,8 +278,10 @@ if gluon is not None:
         g0 = 0  # ring index of the tile's first key block (same count as the producer's)
         nprog = gl.num_programs(0)
         for t0 in range(gl.program_id(0), gl.cdiv(num_tiles, nprog) * nprog, nprog):
+            # The last round may run past the tiles: read a real tile's bounds, skip it below.
             t = _snake(t0, nprog)
-            hgroup, q_start, seqlen, m0 = _tile(t, cu_seqlens, batch, num_groups, num_virtual,
+            tile = gl.minimum(t, num_tiles - 1)
+            hgroup, q_start, seqlen, m0 = _tile(tile, cu_seqlens, batch, num_groups, num_virtual,
                                                 BLOCK_M)  # fmt: skip
             if (t < num_tiles) & (m0 < seqlen):
                 head = hgroup * PACK + which
@@ -445,7 +454,7 @@ def _config() -> dict[str, int]:
     (A/B runs; P = 1: a persistent grid of one program per SM, 0: one program per tile)."""
     raw = os.environ.get("SLIPSTREAM_SM90_CONFIG", "").strip()
     if not raw:
-        return {"K_STAGES": K_STAGES, "V_STAGES": V_STAGES, "CTAS_PER_SM": 1}
+        return {"K_STAGES": K_STAGES, "V_STAGES": V_STAGES, "CTAS_PER_SM": PERSISTENT}
     try:
         ks, vs, per_sm = (int(x) for x in raw.split(","))
     except ValueError:
