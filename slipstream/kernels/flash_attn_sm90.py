@@ -386,7 +386,7 @@ if gluon is not None:
                 gl.store(o_ptrs, o, mask=gl.expand_dims(o_pos < seqlen, 1))
 
     @gluon.jit
-    def _kernel(
+    def _flash_attn_sm90_kernel(
         Q, k_desc, v_desc, Out, cu_seqlens, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         batch, num_heads_q, group_size, num_virtual,
@@ -485,7 +485,7 @@ def launch(
     """Run the kernel (the caller checked `supported()` and the common arguments)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
-    kernel = _kernel
+    kernel = _flash_attn_sm90_kernel
     total, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
     batch = cu_seqlens.shape[0] - 1
     gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
