@@ -6,25 +6,26 @@ issued: the softmax of one key block never overlaps a matrix multiply. This kern
 schedule out with Gluon (Triton's lower-level dialect: explicit layouts, shared memory,
 mbarriers, TMA and asynchronous `wgmma`):
 
-* one **producer** warp streams K and V tiles into a ring of shared-memory stages with TMA,
-  gated by `ready` / `free` mbarriers;
-* two **consumer** warpgroups each own 64 query rows. With GQA packing they take the two
-  query heads that read the same kv head at the same 64 positions, so both walk the same key
-  blocks and every K/V tile in shared memory feeds 128 query rows;
-* inside a consumer, block j+1's QK^T is issued before block j's P @ V, and block j+1's
-  softmax runs while that P @ V is still on the tensor cores (a wgmma wait with one group
-  left outstanding). The two consumers are independent partitions, so the hardware also
-  interleaves one's softmax with the other's multiplies.
+* one **producer** warp streams K and V blocks into two rings of shared-memory stages with
+  TMA, gated by `ready` / `free` mbarriers;
+* two **consumer** warpgroups each own 64 query rows of a tile: the two query heads that read
+  the same kv head, at the same 64 positions, so both walk the same key blocks and every K/V
+  block in shared memory feeds 128 query rows;
+* inside a consumer, block j's QK^T is issued before block j-1's P @ V, and block j's softmax
+  runs while that P @ V is still on the tensor cores (a wgmma wait with one group left
+  outstanding; see `_key_block` for what keeps ptxas from undoing it). The two consumers are
+  independent partitions, so the hardware also interleaves one's softmax with the other's
+  multiplies.
 
 Same contract as `flash_attn_varlen` (packed `[T, H, D]` q/k/v, `cu_seqlens`, bottom-right
-causal alignment, optional q RMSNorm + NeoX rotary on the Q load, writes `out` in place), for
-the case the embedding path runs: self-attention (`cu_seqlens_q` is `cu_seqlens_k`),
-head_dim 128, an even GQA group, bf16/fp16, heads contiguous in each token row. `supported()`
-says whether a call qualifies; `flash_attn.py` routes to this kernel when
-`SLIPSTREAM_FLASH_VARIANT=sm90_ws` (the variant A/B switch) and falls back otherwise.
+causal alignment, optional q RMSNorm + NeoX rotary on the Q load, writes `out` in place and
+nothing else), for the calls the embedding path makes: self-attention (`cu_seqlens_q` is
+`cu_seqlens_k`), head_dim 128, an even GQA group, bf16/fp16, K/V heads contiguous in each token
+row. `supported()` says whether a call qualifies; `flash_attn.py` routes every qualifying call
+here (variant `sm90_ws`, the default) and the rest to its Triton kernel.
 
 Gluon kernels do not run under the Triton interpreter; the tests for this file are GPU tests
-(tests/test_flash_sm90.py) against the torch reference.
+(tests/test_flash_sm90.py) against the torch reference. Measurements: docs/performance.md.
 """
 
 from __future__ import annotations
@@ -43,10 +44,10 @@ K_STAGES = 2
 V_STAGES = 3
 PACK = 2  # query heads per program (one per consumer), sharing one kv head
 CONSUMER_REGS = 232  # registers per consumer thread (setmaxnreg); the producer warp gets 24
-# One program per tile (0) or a persistent grid of one program per SM (1). The kernel loops over
-# tiles either way; on the H100 the persistent grid was not faster end to end (sm90_ab_mixed_h100
-# _run2.json) and mixed on the packed microbenchmarks (attention_sm90_sweep{4,5}_h100.json), so it is an
-# A/B option (SLIPSTREAM_SM90_CONFIG) and off.
+# One program per tile (0) or a persistent grid of one program per SM (1). The kernel loops
+# over tiles either way; on the H100 the persistent grid was no faster end to end
+# (sm90_ab_mixed_h100_run2.json) and -5%..+2% per case on the attention benchmarks
+# (attention_sm90_sweep{4,5}_h100.json), so it is an A/B option (SLIPSTREAM_SM90_CONFIG), off.
 PERSISTENT = 0
 
 
