@@ -142,6 +142,16 @@ if gluon is not None:
         return r * nprog + p + (r % 2) * (nprog - 1 - 2 * p)
 
     @gluon.jit
+    def _round_tile(t0, nprog, num_tiles, cu_seqlens, batch, num_groups, num_virtual,
+                    BLOCK_M: gl.constexpr):  # fmt: skip
+        # This program's tile for slot t0 of its loop, and whether it has rows to compute. The
+        # last round may run past the tiles: the bounds read are a real tile's (clamped).
+        t = _snake(t0, nprog)
+        hgroup, start, seqlen, m0 = _tile(gl.minimum(t, num_tiles - 1), cu_seqlens, batch,
+                                          num_groups, num_virtual, BLOCK_M)  # fmt: skip
+        return (t < num_tiles) & (m0 < seqlen), hgroup, start, seqlen, m0
+
+    @gluon.jit
     def _num_key_blocks(m0, seqlen, CAUSAL: gl.constexpr, BLOCK_M: gl.constexpr,
                         BLOCK_N: gl.constexpr):  # fmt: skip
         if CAUSAL:
@@ -163,12 +173,10 @@ if gluon is not None:
         g = 0
         nprog = gl.num_programs(0)
         for t0 in range(gl.program_id(0), gl.cdiv(num_tiles, nprog) * nprog, nprog):
-            # The last round may run past the tiles: read a real tile's bounds, skip it below.
-            t = _snake(t0, nprog)
-            tile = gl.minimum(t, num_tiles - 1)
-            hgroup, start, seqlen, m0 = _tile(tile, cu_seqlens, batch, num_groups, num_virtual,
-                                              BLOCK_M)  # fmt: skip
-            if (t < num_tiles) & (m0 < seqlen):
+            live, hgroup, start, seqlen, m0 = _round_tile(
+                t0, nprog, num_tiles, cu_seqlens, batch, num_groups, num_virtual, BLOCK_M
+            )
+            if live:
                 kv_col = (hgroup * PACK // group_size) * HEAD_DIM
                 n_blocks = _num_key_blocks(m0, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
                 for j in range(n_blocks):
@@ -279,12 +287,10 @@ if gluon is not None:
         g0 = 0  # ring index of the tile's first key block (same count as the producer's)
         nprog = gl.num_programs(0)
         for t0 in range(gl.program_id(0), gl.cdiv(num_tiles, nprog) * nprog, nprog):
-            # The last round may run past the tiles: read a real tile's bounds, skip it below.
-            t = _snake(t0, nprog)
-            tile = gl.minimum(t, num_tiles - 1)
-            hgroup, q_start, seqlen, m0 = _tile(tile, cu_seqlens, batch, num_groups, num_virtual,
-                                                BLOCK_M)  # fmt: skip
-            if (t < num_tiles) & (m0 < seqlen):
+            live, hgroup, q_start, seqlen, m0 = _round_tile(
+                t0, nprog, num_tiles, cu_seqlens, batch, num_groups, num_virtual, BLOCK_M
+            )
+            if live:
                 head = hgroup * PACK + which
                 n_blocks = _num_key_blocks(m0, seqlen, CAUSAL, BLOCK_M, BLOCK_N)
                 # ---- the Q tile: load, (q RMSNorm + NeoX rotary), into shared memory ----
