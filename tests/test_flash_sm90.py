@@ -226,3 +226,30 @@ def test_gpu_persistent_grid_equals_one_program_per_tile(
     torch.cuda.synchronize()
     assert not torch.isnan(outs[0]).any()
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_a_kernel_that_fails_to_build_falls_back_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A Gluon build failure (e.g. an API change in another Triton release) disables the sm90
+    path for the process with one warning; the call itself is not lost."""
+    from triton.compiler.errors import CompilationError
+
+    calls = []
+
+    def broken_launch(*args, **kwargs):
+        calls.append(1)
+        raise CompilationError("<gluon source>", None, "async_copy_global_to_shared was removed")
+
+    monkeypatch.setattr(sm90, "supported", lambda *a: None)
+    monkeypatch.setattr(sm90, "launch", broken_launch)
+    monkeypatch.setattr(fa, "_SM90_DISABLED", None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    _, q, k, v = _qkv([5, 3], 16, 8, 128, torch.float32, "cpu")
+    cu = cu_from_lens([5, 3])
+    with caplog.at_level("WARNING", logger="slipstream.kernels.flash_attn"):
+        assert fa._try_sm90(q, k, v, torch.empty_like(q), cu, cu, True, 1.0) is False
+        assert fa._try_sm90(q, k, v, torch.empty_like(q), cu, cu, True, 1.0) is False
+    assert len(calls) == 1  # not retried
+    assert fa._SM90_DISABLED is not None and "CompilationError" in fa._SM90_DISABLED
+    assert sum("Gluon sm90 kernel is unavailable" in r.message for r in caplog.records) == 1

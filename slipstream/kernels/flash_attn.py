@@ -53,6 +53,7 @@ as a named region); `kernels/_library.eager_direct_ok` decides, for the fused op
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import types
@@ -61,6 +62,8 @@ from typing import Any
 import torch
 
 from slipstream.kernels._library import eager_direct_ok
+
+_log = logging.getLogger(__name__)
 
 try:  # Triton is optional at import time: the op is still registered without it.
     import triton
@@ -1105,19 +1108,10 @@ def _launch(
         meta["WS"] = True
 
     if variant == "sm90_ws":
-        if config is None and not _interpret_mode():
-            from slipstream.kernels import flash_attn_sm90 as sm90
-
-            why_not = sm90.supported(q, k, v, out, cu_seqlens_q, cu_seqlens_k)
-            if why_not is None:
-                run_sm90 = (q, k, v, out, cu_seqlens_q, causal, scale * _LOG2E)
-                extra = (q_norm_weight, cos, sin, q_norm_eps) if q_rope else ()
-                if q.device.index != torch.cuda.current_device():
-                    with torch.cuda.device(q.device):
-                        sm90.launch(*run_sm90, *extra)
-                else:
-                    sm90.launch(*run_sm90, *extra)
-                return
+        sm90_args = (q, k, v, out, cu_seqlens_q, cu_seqlens_k, causal, scale * _LOG2E)
+        rope = (q_norm_weight, cos, sin, q_norm_eps) if q_rope else ()
+        if config is None and not _interpret_mode() and _try_sm90(*sm90_args, *rope):
+            return
         variant = _fallback_variant(cu_seqlens_q.shape[0] - 1, causal)
     if config is None:
         config = _INTERPRETER_BLOCKS if _interpret_mode() else _env_config(head_dim, variant)
@@ -1128,6 +1122,54 @@ def _launch(
             _run_kernel(*run)
     else:
         _run_kernel(*run)
+
+
+# Why the Gluon kernel is off for this process (it failed to build or load once), or None.
+_SM90_DISABLED: str | None = None
+
+
+def _try_sm90(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    causal: bool,
+    qk_scale: float,
+    *rope: Any,
+) -> bool:
+    """Run the call on the Gluon sm90 kernel if it can take it; False leaves it to Triton.
+
+    A kernel that fails to compile or load (a Gluon API change in another Triton release,
+    a GPU with less shared memory) disables the Gluon path for the process with one warning;
+    every call then runs the Triton kernel instead of failing.
+    """
+    global _SM90_DISABLED
+    if _SM90_DISABLED is not None:
+        return False
+    from slipstream.kernels import flash_attn_sm90 as sm90
+
+    if sm90.supported(q, k, v, out, cu_seqlens_q, cu_seqlens_k) is not None:
+        return False
+    from triton.compiler.errors import CompilationError
+    from triton.runtime.errors import OutOfResources
+
+    try:
+        if q.device.index != torch.cuda.current_device():  # switching costs a few us
+            with torch.cuda.device(q.device):
+                sm90.launch(q, k, v, out, cu_seqlens_q, causal, qk_scale, *rope)
+        else:
+            sm90.launch(q, k, v, out, cu_seqlens_q, causal, qk_scale, *rope)
+    except (CompilationError, OutOfResources) as exc:
+        _SM90_DISABLED = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+        _log.warning(
+            "flash_attn_varlen: the Gluon sm90 kernel is unavailable (%s); using the Triton "
+            "kernel for the rest of this process",
+            _SM90_DISABLED,
+        )
+        return False
+    return True
 
 
 def _run_kernel(

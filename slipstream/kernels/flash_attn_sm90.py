@@ -101,6 +101,9 @@ try:  # Gluon ships with Triton >= 3.5; without it `supported()` says no and not
         warpgroup_mma_wait,
     )
 
+    # TMA global -> shared copy: `async_copy_global_to_shared` in Triton 3.5/3.6 (the GPU
+    # machine), renamed `async_load` later (3.9 raises on the old name).
+    _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
     _GLUON_ERROR: BaseException | None = None
 except Exception as exc:  # pragma: no cover - depends on the Triton version
     gluon = None  # type: ignore[assignment]
@@ -186,12 +189,12 @@ if gluon is not None:
                     # A fresh barrier passes a wait on phase 1 at once: the first lap runs free.
                     mbarrier.wait(k_free.index(sk), ((g // K_STAGES) & 1) ^ 1)
                     mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(
+                    _tma_load(
                         k_desc, [row, kv_col], k_ready.index(sk), k_smem.index(sk)
                     )
                     mbarrier.wait(v_free.index(sv), ((g // V_STAGES) & 1) ^ 1)
                     mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-                    tma.async_copy_global_to_shared(
+                    _tma_load(
                         v_desc, [row, kv_col], v_ready.index(sv), v_smem.index(sv)
                     )
                     g += 1
