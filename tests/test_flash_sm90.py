@@ -253,3 +253,24 @@ def test_a_kernel_that_fails_to_build_falls_back_once(
     assert len(calls) == 1  # not retried
     assert fa._SM90_DISABLED is not None and "CompilationError" in fa._SM90_DISABLED
     assert sum("Gluon sm90 kernel is unavailable" in r.message for r in caplog.records) == 1
+
+
+def test_as_the_default_it_runs_only_under_measured_triton_releases(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import triton
+
+    launched = []
+    monkeypatch.setattr(sm90, "supported", lambda *a: None)
+    monkeypatch.setattr(sm90, "launch", lambda *a, **k: launched.append(1))
+    monkeypatch.setattr(fa, "_SM90_DISABLED", None)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: None)
+    _, q, k, v = _qkv([5, 3], 16, 8, 128, torch.float32, "cpu")
+    cu = cu_from_lens([5, 3])
+    args = (q, k, v, torch.empty_like(q), cu, cu, True, 1.0)
+    monkeypatch.setattr(triton, "__version__", "3.9.0")
+    assert fa._try_sm90(*args, by_default=True) is False  # not measured: Triton kernel
+    assert fa._try_sm90(*args, by_default=False) is True  # asked for by name: runs
+    monkeypatch.setattr(triton, "__version__", "3.6.0")
+    assert fa._try_sm90(*args, by_default=True) is True
+    assert len(launched) == 2

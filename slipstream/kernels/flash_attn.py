@@ -1065,6 +1065,7 @@ def _launch(
     interpreter, which always uses a small fixed config). `variant` (one of VARIANTS) overrides
     SLIPSTREAM_FLASH_VARIANT.
     """
+    by_default = variant is None and not os.environ.get("SLIPSTREAM_FLASH_VARIANT", "").strip()
     variant = _resolve_variant(variant)
     if not _fast_checks_pass(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale
@@ -1110,7 +1111,11 @@ def _launch(
     if variant == "sm90_ws":
         sm90_args = (q, k, v, out, cu_seqlens_q, cu_seqlens_k, causal, scale * _LOG2E)
         rope = (q_norm_weight, cos, sin, q_norm_eps) if q_rope else ()
-        if config is None and not _interpret_mode() and _try_sm90(*sm90_args, *rope):
+        if (
+            config is None
+            and not _interpret_mode()
+            and _try_sm90(*sm90_args, *rope, by_default=by_default)
+        ):
             return
         variant = _fallback_variant(cu_seqlens_q.shape[0] - 1, causal)
     if config is None:
@@ -1126,6 +1131,9 @@ def _launch(
 
 # Why the Gluon kernel is off for this process (it failed to build or load once), or None.
 _SM90_DISABLED: str | None = None
+# Triton releases the Gluon kernel was measured with on the H100 (docs/performance.md); under
+# others it runs only when asked for (SLIPSTREAM_FLASH_VARIANT=sm90_ws).
+_SM90_MEASURED_TRITON = ("3.6.",)
 
 
 def _try_sm90(
@@ -1138,15 +1146,21 @@ def _try_sm90(
     causal: bool,
     qk_scale: float,
     *rope: Any,
+    by_default: bool = False,
 ) -> bool:
     """Run the call on the Gluon sm90 kernel if it can take it; False leaves it to Triton.
 
-    A kernel that fails to compile or load (a Gluon API change in another Triton release,
-    a GPU with less shared memory) disables the Gluon path for the process with one warning;
-    every call then runs the Triton kernel instead of failing.
+    As the default (`by_default`, no variant asked for) it runs only under the Triton releases
+    it was measured with (`_SM90_MEASURED_TRITON`): Gluon is experimental and its code
+    generation moves between releases (under Triton 3.9 the same source compiles with register
+    spills and a shorter softmax/multiply overlap). A kernel that fails to compile or load (a
+    Gluon API change, a GPU with less shared memory) disables the Gluon path for the process
+    with one warning; every call then runs the Triton kernel instead of failing.
     """
     global _SM90_DISABLED
     if _SM90_DISABLED is not None:
+        return False
+    if by_default and not triton.__version__.startswith(_SM90_MEASURED_TRITON):
         return False
     from slipstream.kernels import flash_attn_sm90 as sm90
 
