@@ -28,9 +28,6 @@ sys.path.insert(0, str(REPO))
 
 
 def compile_kernel(causal: bool, q_rope: bool, config: str | None) -> tuple[bytes, int]:
-    os.environ.pop("TRITON_INTERPRET", None)
-    if config:
-        os.environ["SLIPSTREAM_SM90_CONFIG"] = config
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -38,7 +35,16 @@ def compile_kernel(causal: bool, q_rope: bool, config: str | None) -> tuple[byte
 
     from slipstream.kernels import flash_attn_sm90 as f
 
-    cfg = f._config()
+    saved = os.environ.get("SLIPSTREAM_SM90_CONFIG")
+    try:  # parse `config` the way the launcher does, leaving the environment as it was
+        if config:
+            os.environ["SLIPSTREAM_SM90_CONFIG"] = config
+        cfg = f._config()
+    finally:
+        if saved is None:
+            os.environ.pop("SLIPSTREAM_SM90_CONFIG", None)
+        else:
+            os.environ["SLIPSTREAM_SM90_CONFIG"] = saved
     kernel = f._flash_attn_sm90_kernel
     layout = gl.NVMMASharedLayout.get_default_for([f.BLOCK_N, f.HEAD_DIM], gl.bfloat16)
     desc = f"tensordesc<bf16[{f.BLOCK_N}, {f.HEAD_DIM}],{layout}>"
