@@ -1065,7 +1065,9 @@ def _launch(
     interpreter, which always uses a small fixed config). `variant` (one of VARIANTS) overrides
     SLIPSTREAM_FLASH_VARIANT.
     """
-    by_default = variant is None and not os.environ.get("SLIPSTREAM_FLASH_VARIANT", "").strip()
+    if variant is None:  # read the environment once per call
+        variant = os.environ.get("SLIPSTREAM_FLASH_VARIANT", "")
+    by_default = not variant.strip()
     variant = _resolve_variant(variant)
     if not _fast_checks_pass(
         q, k, v, out, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale

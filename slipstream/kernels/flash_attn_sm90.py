@@ -104,11 +104,9 @@ try:  # Gluon ships with Triton >= 3.5; without it `supported()` says no and not
     # TMA global -> shared copy: `async_copy_global_to_shared` in Triton 3.5/3.6 (the GPU
     # machine), renamed `async_load` later (3.9 raises on the old name).
     _tma_load = getattr(tma, "async_load", None) or tma.async_copy_global_to_shared
-    _GLUON_ERROR: BaseException | None = None
-except Exception as exc:  # pragma: no cover - depends on the Triton version
+except Exception:  # pragma: no cover - depends on the Triton version
     gluon = None  # type: ignore[assignment]
     gl = None  # type: ignore[assignment]
-    _GLUON_ERROR = exc
 
 
 if gluon is not None:
