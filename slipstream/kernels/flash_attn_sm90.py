@@ -187,14 +187,10 @@ if gluon is not None:
                     # A fresh barrier passes a wait on phase 1 at once: the first lap runs free.
                     mbarrier.wait(k_free.index(sk), ((g // K_STAGES) & 1) ^ 1)
                     mbarrier.expect(k_ready.index(sk), k_desc.block_type.nbytes)
-                    _tma_load(
-                        k_desc, [row, kv_col], k_ready.index(sk), k_smem.index(sk)
-                    )
+                    _tma_load(k_desc, [row, kv_col], k_ready.index(sk), k_smem.index(sk))
                     mbarrier.wait(v_free.index(sv), ((g // V_STAGES) & 1) ^ 1)
                     mbarrier.expect(v_ready.index(sv), v_desc.block_type.nbytes)
-                    _tma_load(
-                        v_desc, [row, kv_col], v_ready.index(sv), v_smem.index(sv)
-                    )
+                    _tma_load(v_desc, [row, kv_col], v_ready.index(sv), v_smem.index(sv))
                     g += 1
 
     @gluon.jit
