@@ -176,6 +176,75 @@ def test_gpu_q_prologue_matches_rotating_q_first(
     assert (got.double() - want).abs().max().item() <= 3e-2
 
 
+def _e4m3(x: torch.Tensor, scale: float) -> torch.Tensor:
+    return (x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("lens", LENS, ids=lambda ls: f"{len(ls)}seqs_{sum(ls)}tok")
+@pytest.mark.parametrize("causal", [True, False])
+def test_gpu_fp8_qk_matches_reference_of_the_rounded_operands(
+    lens: list[int], causal: bool
+) -> None:
+    """k in e4m3 and Q tiles rounded to e4m3 in the kernel: equal to attention over the
+    rounded q and k (float64), up to the fp8 multiply's accumulation and P in bf16."""
+    _, q, k, v = _qkv(lens, 16, 8, 128, torch.bfloat16, "cuda", seed=4)
+    cu = cu_from_lens(lens, "cuda")
+    q_scale = q.float().abs().max().item() / 448.0
+    k_scale = k.float().abs().max().item() / 448.0 * 1.7  # any bound >= amax works
+    k8 = _e4m3(k, k_scale)
+    assert sm90.supported(q, k8, v, torch.empty_like(q), cu, cu) is None
+    got = torch.full_like(q, float("nan"))
+    scale = 128**-0.5
+    sm90.launch(q, k8, v, got, cu, causal, scale * fa._LOG2E, qk_fp8_scales=(q_scale, k_scale))
+    torch.cuda.synchronize()
+    assert not torch.isnan(got).any()
+    q_r = _e4m3(q, q_scale).double() * q_scale
+    k_r = k8.double() * k_scale
+    want = reference(q_r, k_r, v, cu, cu, causal)
+    err = (got.double() - want).abs().max().item()
+    assert err <= 2e-2, err
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("lens", [[1, 7, 129, 2000, 64], [5000]])
+def test_gpu_fp8_qk_with_the_q_prologue(lens: list[int]) -> None:
+    """The model's call: raw q normed and rotated on load, then rounded under a static scale."""
+    hq, hkv, d = 16, 8, 128
+    qkv, _, _, _ = _qkv(lens, hq, hkv, d, torch.bfloat16, "cuda", seed=5)
+    g = torch.Generator().manual_seed(6)
+    qw = (1.0 + 0.3 * torch.randn(d, generator=g)).to("cuda", torch.bfloat16)
+    kw = (1.0 + 0.3 * torch.randn(d, generator=g)).to("cuda", torch.bfloat16)
+    pos = torch.tensor([p for n in lens for p in range(n)], device="cuda")
+    rot = RotaryEmbedding(d, 1_000_000.0, 8192)
+    cos, sin = rot.cos_sin(pos)
+    ch, sh = rot.cos_sin_half(pos, torch.bfloat16)
+    cu = cu_from_lens(lens, "cuda")
+    ready = qkv.clone()
+    F.qk_norm_rope_(ready, qw, kw, cos, sin, hq, hkv, d, 1e-6)
+    t = qkv.shape[0]
+    q_r = ready[:, : hq * d].view(t, hq, d)
+    k_r = ready[:, hq * d : (hq + hkv) * d].view(t, hkv, d)
+    v_r = ready[:, (hq + hkv) * d :].view(t, hkv, d)
+    bound = d**0.5 * 1.01 / 448.0
+    q_scale = qw.float().abs().max().item() * bound
+    k_scale = kw.float().abs().max().item() * bound
+    assert q_r.float().abs().max().item() <= 448.0 * q_scale  # the static bound holds
+    k8 = _e4m3(k_r, k_scale)
+    got = torch.full_like(q_r, float("nan"))
+    sm90.launch(
+        qkv[:, : hq * d].view(t, hq, d), k8, v_r, got, cu, True, d**-0.5 * fa._LOG2E, qw, ch,
+        sh, 1e-6, qk_fp8_scales=(q_scale, k_scale),
+    )  # fmt: skip
+    torch.cuda.synchronize()
+    assert not torch.isnan(got).any()
+    want = reference(_e4m3(q_r, q_scale).double() * q_scale, k8.double() * k_scale, v_r, cu, cu,
+                     True)  # fmt: skip
+    assert (got.double() - want).abs().max().item() <= 3e-2
+
+
 @pytest.mark.gpu
 @needs_hopper
 def test_gpu_writes_only_its_rows_and_nothing_else(monkeypatch: pytest.MonkeyPatch) -> None:
