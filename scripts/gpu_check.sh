@@ -5,7 +5,7 @@
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
 #           tests-round4 round4-ab tests-gen tests-graphs bert-graphs sm90 sm90-sweep sm90-ab
-#           batch-ab qk8
+#           batch-ab
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -141,13 +141,6 @@ for stage in $STAGES; do
     log "attention bench: gqa_pack vs sm90_ws"
     $PY benchmarks/attention_bench.py --variants gqa_pack,sm90_ws --json "$RES/attention_sm90.json" \
       --plot "$RES/attention_sm90.png" 2>&1 | tee "$RES/attention_sm90.log"
-    ;;
-  qk8)
-    log "pytest -m gpu: the Gluon sm90 kernel, fp8 QK^T included"
-    $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_flash_sm90.py 2>&1 | tee "$RES/pytest_gpu_qk8.log"
-    log "sm90 attention: QK^T in fp8 vs bf16"
-    $PY scripts/attn_qk8_ab.py --json "$RES/attention_qk8_ab.json" --configs ${QK8_CONFIGS:-2,3,0 3,3,0} \
-      2>&1 | tee "$RES/attention_qk8_ab.log"
     ;;
   sm90-sweep)
     log "sm90_ws settings vs gqa_pack"

@@ -1,7 +1,6 @@
 """Compile the Gluon sm90 attention kernel for sm_90a without a GPU and check its SASS.
 
-    python scripts/sm90_sass_check.py [--causal 0|1] [--q-rope 0|1] [--qk-fp8 0|1] [--config K,V,P]
-        [--sass OUT]
+    python scripts/sm90_sass_check.py [--causal 0|1] [--q-rope 0|1] [--config K,V,P] [--sass OUT]
 
 What it reports, per pipelined key block in the SASS (ptxas decides these, not the source):
 how many of the softmax's MUFU.EX2 instructions sit between the wgmma wait that leaves one
@@ -28,9 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def compile_kernel(
-    causal: bool, q_rope: bool, config: str | None, qk_fp8: bool = False
-) -> tuple[bytes, int]:
+def compile_kernel(causal: bool, q_rope: bool, config: str | None) -> tuple[bytes, int]:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.experimental.gluon import language as gl
@@ -49,14 +46,10 @@ def compile_kernel(
         else:
             os.environ["SLIPSTREAM_SM90_CONFIG"] = saved
     kernel = f._flash_attn_sm90_kernel
-    descs = {}
-    for name, gdt, tname in (("k_desc", gl.float8e4nv if qk_fp8 else gl.bfloat16,
-                              "fp8e4nv" if qk_fp8 else "bf16"),
-                             ("v_desc", gl.bfloat16, "bf16")):  # fmt: skip
-        layout = gl.NVMMASharedLayout.get_default_for([f.BLOCK_N, f.HEAD_DIM], gdt)
-        descs[name] = f"tensordesc<{tname}[{f.BLOCK_N}, {f.HEAD_DIM}],{layout}>"
+    layout = gl.NVMMASharedLayout.get_default_for([f.BLOCK_N, f.HEAD_DIM], gl.bfloat16)
+    desc = f"tensordesc<bf16[{f.BLOCK_N}, {f.HEAD_DIM}],{layout}>"
     const = {
-        "CAUSAL": causal, "Q_ROPE": q_rope, "QK_FP8": qk_fp8, "BLOCK_M": f.BLOCK_M, "BLOCK_N": f.BLOCK_N,
+        "CAUSAL": causal, "Q_ROPE": q_rope, "BLOCK_M": f.BLOCK_M, "BLOCK_N": f.BLOCK_N,
         "HEAD_DIM": f.HEAD_DIM, "K_STAGES": cfg["K_STAGES"], "V_STAGES": cfg["V_STAGES"],
         "PACK": f.PACK, "CONSUMER_REGS": f.CONSUMER_REGS,
     }  # fmt: skip
@@ -67,10 +60,10 @@ def compile_kernel(
         elif name in ("Q", "Out", "QW", "COS", "SIN"):
             sig[name] = "*bf16"
         elif name in ("k_desc", "v_desc"):
-            sig[name] = descs[name]
+            sig[name] = desc
         elif name == "cu_seqlens":
             sig[name] = "*i32"
-        elif name in ("qk_scale", "q_eps", "q_scale_inv"):
+        elif name in ("qk_scale", "q_eps"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -115,23 +108,19 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--causal", type=int, default=1)
     ap.add_argument("--q-rope", type=int, default=1)
-    ap.add_argument("--qk-fp8", type=int, default=0, help="1: e4m3 k and QK^T in fp8")
     ap.add_argument("--config", default=None, help="SLIPSTREAM_SM90_CONFIG for the compile")
     ap.add_argument("--min-overlap", type=int, default=60)
     ap.add_argument("--sass", type=Path, default=None, help="also write the SASS here")
     args = ap.parse_args()
     import triton
 
-    cubin, smem = compile_kernel(
-        bool(args.causal), bool(args.q_rope), args.config, bool(args.qk_fp8)
-    )
+    cubin, smem = compile_kernel(bool(args.causal), bool(args.q_rope), args.config)
     sass = sass_of(cubin)
     if args.sass:
         args.sass.write_text(sass)
     counts = overlap_counts(sass)
     spills = len(re.findall(r"\b(?:LDL|STL)\b", sass))
-    print(f"triton {triton.__version__}  causal={args.causal} q_rope={args.q_rope} "
-          f"qk_fp8={args.qk_fp8}  "
+    print(f"triton {triton.__version__}  causal={args.causal} q_rope={args.q_rope}  "
           f"shared memory {smem} bytes")  # fmt: skip
     print(f"exponentials under the in-flight P @ V, per pipelined block: {counts} (66 = all)")
     print(f"register spill instructions (LDL/STL): {spills}")

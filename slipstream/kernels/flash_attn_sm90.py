@@ -68,10 +68,8 @@ def supported(
         return "not a CUDA tensor"
     if torch.cuda.get_device_capability(q.device)[0] != 9:
         return "not a Hopper GPU"
-    if q.dtype not in (torch.bfloat16, torch.float16) or q.dtype != v.dtype:
+    if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
         return f"dtype {q.dtype}"
-    if k.dtype not in (q.dtype, torch.float8_e4m3fn):
-        return f"k dtype {k.dtype} (q is {q.dtype})"
     if q.shape[2] != HEAD_DIM or k.shape[2] != HEAD_DIM:
         return f"head_dim {q.shape[2]}"
     hq, hkv = q.shape[1], k.shape[1]
@@ -222,8 +220,8 @@ if gluon is not None:
         j, g0, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready, v_ready, k_free,
         v_free, s_zero, cols0, rows, seqlen_k, qk_scale,
         CAUSAL: gl.constexpr, MASKED: gl.constexpr, P_LAYOUT: gl.constexpr,
-        O_LAYOUT: gl.constexpr, S_LAYOUT: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-        BLOCK_N: gl.constexpr, PIN_WAIT: gl.constexpr,
+        O_LAYOUT: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+        BLOCK_N: gl.constexpr,
     ):  # fmt: skip
         # Key block j >= 1 of the tile (ring index g0 + j), FlashAttention-3's in-warpgroup
         # overlap: issue QK^T of block j; rescale the accumulator to block j-1's running max
@@ -245,24 +243,12 @@ if gluon is not None:
         # block later: an mbarrier arrive costs a partition barrier, and ptxas hoists a wgmma
         # wait that precedes a barrier above the softmax, which would end the overlap.)
         s_acc = warpgroup_mma_wait(num_outstanding=1, deps=(s_acc,))
-        s_acc = gl.convert_layout(s_acc, S_LAYOUT)
         mbarrier.arrive(k_free.index(s), count=1)
-        v_old = v_free.index((g + V_STAGES - 2) % V_STAGES)
-        if not PIN_WAIT:
-            mbarrier.arrive(v_old, count=1, pred=j >= 2)
+        mbarrier.arrive(v_free.index((g + V_STAGES - 2) % V_STAGES), count=1, pred=j >= 2)
         p32, m_i, l_i, alpha = _softmax_step(
             s_acc, m_i, l_i, cols0, rows, j * BLOCK_N, seqlen_k, qk_scale,
             CAUSAL=CAUSAL, MASKED=MASKED,
         )  # fmt: skip
-        if PIN_WAIT:
-            # ptxas places the full wait right after the block's last mbarrier arrive and
-            # leaves the softmax instructions that nothing before it needs below the wait. In
-            # the fp8 QK^T build nothing kept them above, and no exponential overlapped P @ V
-            # (scripts/sm90_sass_check.py). An arrive whose predicate reads the row sums (always
-            # true: l_i >= 0) needs every exponential first, so all 66 run under the multiply;
-            # the price is one cross-warp reduction per block.
-            softmax_done = gl.max(l_i, axis=0) >= 0.0
-            mbarrier.arrive(v_old, count=1, pred=(j >= 2) & softmax_done)
         # p32 passes through the wait so that its conversion cannot be scheduled above it.
         acc, p, p32 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p, p32))
         p = gl.convert_layout(p32.to(p.dtype), P_LAYOUT)
@@ -273,8 +259,7 @@ if gluon is not None:
         Q, Out, QW, COS, SIN, cu_seqlens, q_smem, k_smem, v_smem, k_ready, v_ready, k_free,
         v_free, batch, num_groups, num_virtual, num_tiles, which,
         stride_qt, stride_qh, stride_ot, stride_oh, stride_cos, stride_sin, q_eps, qk_scale,
-        q_scale_inv, CAUSAL: gl.constexpr, Q_ROPE: gl.constexpr, QK_FP8: gl.constexpr,
-        BLOCK_M: gl.constexpr,
+        CAUSAL: gl.constexpr, Q_ROPE: gl.constexpr, BLOCK_M: gl.constexpr,
         BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr, PACK: gl.constexpr,
         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
     ):  # fmt: skip
@@ -285,12 +270,6 @@ if gluon is not None:
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 16]
         )
-        # An fp8 wgmma takes k = 32 per instruction. Its accumulator holds the same registers
-        # as s_layout's (the instruction's k does not enter the accumulator), so the scores
-        # move to s_layout at no cost and the softmax is the 16-bit build's.
-        s_mma_layout: gl.constexpr = gl.NVMMADistributedLayout(
-            version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, BLOCK_N, 32 if QK_FP8 else 16]
-        )
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(
             version=[3, 0], warps_per_cta=[4, 1], instr_shape=[16, HEAD_DIM, 16]
         )
@@ -298,7 +277,7 @@ if gluon is not None:
         r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, ld))
         d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, ld))
         cols0 = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_mma_layout)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, s_layout)
         o_r = gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, o_layout))
         o_d = gl.arange(0, HEAD_DIM, layout=gl.SliceLayout(0, o_layout))
 
@@ -340,11 +319,6 @@ if gluon is not None:
                     sign = gl.expand_dims(gl.where(d < HALF, -1.0, 1.0), 0)
                     rot = (sign * (npart * sn)).to(dtype).to(gl.float32)
                     x = ((n * c).to(dtype).to(gl.float32) + rot).to(dtype)
-                if QK_FP8:
-                    # QK^T in fp8: q in e4m3 under one static scale (q_scale_inv = 1 / scale;
-                    # the caller's bound on |q| maps to 448), clamped like a saturating cast.
-                    xq = gl.minimum(gl.maximum(x.to(gl.float32) * q_scale_inv, -448.0), 448.0)
-                    x = xq.to(q_smem.dtype)
                 # The previous tile's multiplies have all retired (wait 0 below), so the
                 # buffer is free; the fence orders these writes before the wgmma reads.
                 q_smem.store(x)
@@ -367,7 +341,6 @@ if gluon is not None:
                     is_async=True,
                 )  # fmt: skip
                 s_acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_acc,))
-                s_acc = gl.convert_layout(s_acc, s_layout)
                 mbarrier.arrive(k_free.index(s0), count=1)
                 if n_full > 0:
                     p32, m_i, l_i, alpha = _softmax_step(
@@ -385,18 +358,14 @@ if gluon is not None:
                         j, g0, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready,
                         v_ready, k_free, v_free, s_zero, cols0, rows, seqlen, qk_scale,
                         CAUSAL=CAUSAL, MASKED=False, P_LAYOUT=p_layout, O_LAYOUT=o_layout,
-                        S_LAYOUT=s_layout,
                         K_STAGES=K_STAGES, V_STAGES=V_STAGES, BLOCK_N=BLOCK_N,
-                        PIN_WAIT=QK_FP8,
                     )  # fmt: skip
                 for j in range(gl.maximum(n_full, 1), n_blocks):
                     p, acc, m_i, l_i, alpha = _key_block(
                         j, g0, p, acc, m_i, l_i, alpha, q_smem, k_smem, v_smem, k_ready,
                         v_ready, k_free, v_free, s_zero, cols0, rows, seqlen, qk_scale,
                         CAUSAL=CAUSAL, MASKED=True, P_LAYOUT=p_layout, O_LAYOUT=o_layout,
-                        S_LAYOUT=s_layout,
                         K_STAGES=K_STAGES, V_STAGES=V_STAGES, BLOCK_N=BLOCK_N,
-                        PIN_WAIT=QK_FP8,
                     )  # fmt: skip
                 g_last = g0 + n_blocks - 1
                 sp = g_last % V_STAGES
@@ -425,8 +394,8 @@ if gluon is not None:
         Q, k_desc, v_desc, Out, cu_seqlens, qk_scale,
         stride_qt, stride_qh, stride_ot, stride_oh,
         batch, num_heads_q, group_size, num_virtual,
-        QW, COS, SIN, stride_cos, stride_sin, q_eps, q_scale_inv,
-        CAUSAL: gl.constexpr, Q_ROPE: gl.constexpr, QK_FP8: gl.constexpr,
+        QW, COS, SIN, stride_cos, stride_sin, q_eps,
+        CAUSAL: gl.constexpr, Q_ROPE: gl.constexpr,
         BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_DIM: gl.constexpr,
         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, PACK: gl.constexpr,
         CONSUMER_REGS: gl.constexpr,
@@ -435,15 +404,12 @@ if gluon is not None:
         # one head pair x BLOCK_M query positions of one sequence.
         num_groups = num_heads_q // PACK
         num_tiles = num_groups * num_virtual
-        # Q's tile takes K's type: the activation dtype, or e4m3 for an fp8 QK^T (QK_FP8).
-        qk_dt: gl.constexpr = k_desc.dtype
-        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], qk_dt)
-        q_smem0 = gl.allocate_shared_memory(qk_dt, [BLOCK_M, HEAD_DIM], q_layout)
-        q_smem1 = gl.allocate_shared_memory(qk_dt, [BLOCK_M, HEAD_DIM], q_layout)
-        k_smem = gl.allocate_shared_memory(qk_dt, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(
-            v_desc.dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout
-        )
+        dtype: gl.constexpr = Q.dtype.element_ty
+        q_layout: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BLOCK_M, HEAD_DIM], dtype)
+        q_smem0 = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+        q_smem1 = gl.allocate_shared_memory(dtype, [BLOCK_M, HEAD_DIM], q_layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, BLOCK_N, HEAD_DIM], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, BLOCK_N, HEAD_DIM], v_desc.layout)
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         k_free = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
@@ -462,15 +428,15 @@ if gluon is not None:
                     Q, Out, QW, COS, SIN, cu_seqlens, q_smem0, k_smem, v_smem, k_ready,
                     v_ready, k_free, v_free, batch, num_groups, num_virtual, num_tiles, 0,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cos, stride_sin, q_eps,
-                    qk_scale, q_scale_inv, CAUSAL, Q_ROPE, QK_FP8, BLOCK_M, BLOCK_N, HEAD_DIM,
-                    PACK, K_STAGES, V_STAGES,
+                    qk_scale, CAUSAL, Q_ROPE, BLOCK_M, BLOCK_N, HEAD_DIM, PACK, K_STAGES,
+                    V_STAGES,
                 )),
                 (_consumer, (
                     Q, Out, QW, COS, SIN, cu_seqlens, q_smem1, k_smem, v_smem, k_ready,
                     v_ready, k_free, v_free, batch, num_groups, num_virtual, num_tiles, 1,
                     stride_qt, stride_qh, stride_ot, stride_oh, stride_cos, stride_sin, q_eps,
-                    qk_scale, q_scale_inv, CAUSAL, Q_ROPE, QK_FP8, BLOCK_M, BLOCK_N, HEAD_DIM,
-                    PACK, K_STAGES, V_STAGES,
+                    qk_scale, CAUSAL, Q_ROPE, BLOCK_M, BLOCK_N, HEAD_DIM, PACK, K_STAGES,
+                    V_STAGES,
                 )),
                 (_producer, (
                     k_desc, v_desc, k_smem, v_smem, k_ready, v_ready, k_free, v_free,
@@ -485,12 +451,6 @@ if gluon is not None:
 
 
 _CONFIG_KEYS = ("K_STAGES", "V_STAGES", "CTAS_PER_SM")
-_GL_DTYPES = (
-    {torch.bfloat16: gl.bfloat16, torch.float16: gl.float16, torch.float8_e4m3fn: gl.float8e4nv}
-    if gluon is not None
-    else {}
-)
-
 
 
 def _config() -> dict[str, int]:
@@ -525,32 +485,17 @@ def launch(
     cos: torch.Tensor | None = None,
     sin: torch.Tensor | None = None,
     q_norm_eps: float = 1e-6,
-    qk_fp8_scales: tuple[float, float] | None = None,
 ) -> None:
-    """Run the kernel (the caller checked `supported()` and the common arguments).
-
-    With k in float8_e4m3fn, QK^T runs as an fp8 wgmma: ``qk_fp8_scales = (q_scale,
-    k_scale)``, k = k_e4m3 * k_scale, and the kernel rounds each Q tile (after the prologue) to
-    e4m3 as q / q_scale, clamped to +-448; q_scale must bound |q| / 448 for that to be exact.
-    """
+    """Run the kernel (the caller checked `supported()` and the common arguments)."""
     from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
 
     kernel = _flash_attn_sm90_kernel
     total, hq, hkv = q.shape[0], q.shape[1], k.shape[1]
     batch = cu_seqlens.shape[0] - 1
-    qk_fp8 = k.dtype == torch.float8_e4m3fn
-    if qk_fp8 != (qk_fp8_scales is not None):
-        raise ValueError("flash_attn_sm90.launch: an fp8 k goes with qk_fp8_scales, and only it")
-    q_scale_inv = 1.0
-    if qk_fp8_scales is not None:
-        q_scale, k_scale = (float(x) for x in qk_fp8_scales)
-        qk_scale = qk_scale * q_scale * k_scale
-        q_scale_inv = 1.0 / q_scale
+    gdt = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    layout = gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], gdt)
     descs = [
-        TensorDescriptor(
-            t, [total, hkv * HEAD_DIM], [t.stride(0), 1], [BLOCK_N, HEAD_DIM],
-            gl.NVMMASharedLayout.get_default_for([BLOCK_N, HEAD_DIM], _GL_DTYPES[t.dtype]),
-        )  # fmt: skip
+        TensorDescriptor(t, [total, hkv * HEAD_DIM], [t.stride(0), 1], [BLOCK_N, HEAD_DIM], layout)
         for t in (k, v)
     ]
     q_rope = q_norm_weight is not None
@@ -564,8 +509,8 @@ def launch(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         batch, hq, hq // hkv, num_virtual,
         *((q_norm_weight, cos, sin, cos.stride(0), sin.stride(0), float(q_norm_eps))
-          if q_rope else (q, q, q, 0, 0, 0.0)), q_scale_inv,
-        CAUSAL=bool(causal), Q_ROPE=q_rope, QK_FP8=qk_fp8, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
+          if q_rope else (q, q, q, 0, 0, 0.0)),
+        CAUSAL=bool(causal), Q_ROPE=q_rope, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, HEAD_DIM=HEAD_DIM,
         K_STAGES=cfg["K_STAGES"], V_STAGES=cfg["V_STAGES"], PACK=PACK,
         CONSUMER_REGS=CONSUMER_REGS, num_warps=4,
     )
