@@ -5,7 +5,7 @@
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
 #           tests-round4 round4-ab tests-gen tests-graphs bert-graphs sm90 sm90-sweep sm90-ab
-#           batch-ab embed-minilm short-ab
+#           batch-ab embed-minilm short-ab attn-crossover
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -144,6 +144,10 @@ for stage in $STAGES; do
     log "attention bench: gqa_pack vs sm90_ws"
     $PY benchmarks/attention_bench.py --variants gqa_pack,sm90_ws --json "$RES/attention_sm90.json" \
       --plot "$RES/attention_sm90.png" 2>&1 | tee "$RES/attention_sm90.log"
+    ;;
+  attn-crossover)
+    log "attention by the batch's longest sequence: gqa_pack vs sm90_ws"
+    $PY scripts/attn_crossover.py --json "$RES/attention_crossover.json" 2>&1 | tee "$RES/attention_crossover.log"
     ;;
   sm90-sweep)
     log "sm90_ws settings vs gqa_pack"
