@@ -36,7 +36,10 @@ HQ, HKV, D = 16, 8, 128
 METHODS = {
     "gqa_pack": {"SLIPSTREAM_FLASH_VARIANT": "gqa_pack"},
     "sm90_ws": {"SLIPSTREAM_FLASH_VARIANT": "sm90_ws", "SLIPSTREAM_SM90_CONFIG": "2,3,0"},
-    "sm90_ws persistent": {"SLIPSTREAM_FLASH_VARIANT": "sm90_ws", "SLIPSTREAM_SM90_CONFIG": "2,3,1"},
+    "sm90_ws persistent": {
+        "SLIPSTREAM_FLASH_VARIANT": "sm90_ws",
+        "SLIPSTREAM_SM90_CONFIG": "2,3,1",
+    },
 }
 
 
