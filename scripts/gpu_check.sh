@@ -5,7 +5,7 @@
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
 #           tests-round4 round4-ab tests-gen tests-graphs bert-graphs sm90 sm90-sweep sm90-ab
-#           batch-ab embed-minilm short-ab attn-crossover
+#           batch-ab embed-minilm short-ab attn-crossover dispatch-ab
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -110,7 +110,7 @@ for stage in $STAGES; do
       --out "$RES/host_profile_short_$tag.txt" > /dev/null 2>&1
     head -c 9000 "$RES/host_profile_short_$tag.txt"
     ;;
-  qrope-ab|graphs-ab|round4-ab|sm90-ab|batch-ab|short-ab)
+  qrope-ab|graphs-ab|round4-ab|sm90-ab|batch-ab|short-ab|dispatch-ab)
     need_ckpt || continue
     reps=3; wl="--workload mixed --items 400"; tag=mixed
     case $stage in
@@ -125,6 +125,8 @@ for stage in $STAGES; do
       reps=5 ;;
     batch-ab) what="forwards of 16,384 (default) vs 65,536 tokens"
       only="bf16 65k,fp8 skip2,fp8 skip2 65k"; reps=5 ;;
+    dispatch-ab) what="attention dispatch: by the longest sequence (default) vs always sm90_ws / gqa_pack"
+      only="bf16 sm90,bf16 gqa_pack,fp8 skip2,fp8 skip2 sm90,fp8 skip2 gqa_pack"; reps=5 ;;
     short-ab) what="short: attention kernel, residual GEMM epilogue, graphs (bf16)"
       only="bf16 gqa_pack,bf16 sm90,bf16 no-resgemm,bf16 no-graphs"; reps=5
       wl="--workload short --items 4000"; tag=short ;;

@@ -277,6 +277,27 @@ def test_as_the_default_it_runs_only_under_measured_triton_releases(
     assert len(launched) == 2
 
 
+def test_as_the_default_it_takes_only_batches_with_a_long_sequence(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Short batches run faster on the Triton kernel (attention_crossover_h100.json): the default
+    sends a batch to the Gluon kernel only if its longest sequence is over 1024 tokens, decided
+    on the seq_bucket so that every batch of one CUDA-graph key gets the same kernel."""
+    monkeypatch.setattr(fa, "_interpret_mode", lambda: False)
+    for n in (1, 8, 64, 65, 513, 1000, 1024):
+        assert not fa.sm90_pays_off(n)
+        assert not fa._sm90_first(True, None, n)
+        assert fa._sm90_first(False, None, n)  # asked for by name
+    for n in (1025, 2048, 7168, 40960):
+        assert fa.sm90_pays_off(n)
+        assert fa._sm90_first(True, None, n)
+        assert not fa._sm90_first(True, (64, 64), n)  # an explicit Triton config
+    for n in range(1, 5000, 37):  # one answer per bucket
+        assert fa.sm90_pays_off(n) == fa.sm90_pays_off(fa.seq_bucket(n))
+    monkeypatch.setattr(fa, "_interpret_mode", lambda: True)
+    assert not fa._sm90_first(False, None, 7168)
+
+
 def _sass_check_module():
     import importlib.util
     from pathlib import Path

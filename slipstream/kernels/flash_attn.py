@@ -492,8 +492,9 @@ _CONFIGS_BY_HEAD_DIM[16] = _CONFIGS_BY_HEAD_DIM[32]
 #   own autotune space including 256-row tiles (128 positions x 2 heads) on 16 warps.
 # * ``sm90_ws``: the Gluon producer/consumer kernel of `flash_attn_sm90.py` (Hopper only:
 #   TMA producer warp, two consumer warpgroups, softmax overlapped with the tensor cores).
-#   The default; calls it cannot run (see `flash_attn_sm90.supported`, and every call with
-#   an explicit `config`, and the interpreter) fall back to `_fallback_variant`.
+#   The default for batches with a sequence over 1024 tokens (`sm90_pays_off`); shorter
+#   batches and calls it cannot run (see `flash_attn_sm90.supported`, and every call with an
+#   explicit `config`, and the interpreter) fall back to `_fallback_variant`.
 # ----------------------------------------------------------------------------------------
 
 VARIANTS = ("base", "wide", "gqa_pack", "sm90_ws")
@@ -1113,10 +1114,8 @@ def _launch(
     if variant == "sm90_ws":
         sm90_args = (q, k, v, out, cu_seqlens_q, cu_seqlens_k, causal, scale * _LOG2E)
         rope = (q_norm_weight, cos, sin, q_norm_eps) if q_rope else ()
-        if (
-            config is None
-            and not _interpret_mode()
-            and _try_sm90(*sm90_args, *rope, by_default=by_default)
+        if _sm90_first(by_default, config, max_seqlen_q) and _try_sm90(
+            *sm90_args, *rope, by_default=by_default
         ):
             return
         variant = _fallback_variant(cu_seqlens_q.shape[0] - 1, causal)
@@ -1129,6 +1128,31 @@ def _launch(
             _run_kernel(*run)
     else:
         _run_kernel(*run)
+
+
+# As the default, the Gluon kernel runs only for batches whose longest query sequence is over
+# this many tokens. Its per-tile start (one 192 KiB program per SM, a Q prologue with no
+# overlap) is paid on every 64-row tile, so short sequences run faster on the Triton kernel.
+# H100, Qwen3-0.6B layout, ~16K-token packed causal batches, lengths log-uniform in
+# [cap / 8, cap] (scripts/attn_crossover.py, attention_crossover_h100.json): sm90_ws / gqa_pack
+# = 0.38x at cap 16, 0.47x at 64, 0.65x at 256, 0.92x at 512, 0.84x at 1024, 1.01x at 2048,
+# 1.16x at 4096. A power of two, so that the choice is the same for every batch of a CUDA
+# graph key (embed_graph keys on seq_bucket(max_seqlen)).
+_SM90_MIN_MAX_SEQLEN = 1024
+
+
+def sm90_pays_off(max_seqlen_q: int) -> bool:
+    """Whether the default dispatch sends a batch with this longest sequence to `sm90_ws`."""
+    return seq_bucket(int(max_seqlen_q)) > _SM90_MIN_MAX_SEQLEN
+
+
+def _sm90_first(by_default: bool, config: tuple[int, ...] | None, max_seqlen_q: int) -> bool:
+    """Whether a call resolved to `sm90_ws` tries the Gluon kernel (`_try_sm90` may still
+    decline) before its Triton fallback: never with an explicit `config` or under the
+    interpreter; as the default only where it pays off; always when asked for by name."""
+    if config is not None or _interpret_mode():
+        return False
+    return not by_default or sm90_pays_off(max_seqlen_q)
 
 
 # Why the Gluon kernel is off for this process (it failed to build or load once), or None.
