@@ -5,7 +5,7 @@
 #           fp8-ab breakdown breakdown-fp8 breakdown-short attn-ws timeline timeline-fp8
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
 #           tests-round4 round4-ab tests-gen tests-graphs bert-graphs sm90 sm90-sweep sm90-ab
-#           batch-ab embed-minilm short-ab attn-crossover dispatch-ab
+#           batch-ab embed-minilm embed-minilm-fp8 short-ab attn-crossover dispatch-ab
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -206,6 +206,17 @@ for stage in $STAGES; do
       $PY -m slipstream bench embed --model "$M" --workload $w --items $([ $w = short ] && echo 4000 || echo 1000) \
         --device cuda --dtype bfloat16 --baseline hf --json "$RES/embed_${w}_minilm_bf16.json" \
         2>&1 | tee "$RES/embed_${w}_minilm_bf16.log"
+    done
+    ;;
+  embed-minilm-fp8)
+    # fp8 on the trained default model: its accuracy against transformers on the GPU.
+    M=${MINILM:-.ckpt/all-minilm-l6-v2-bf16}
+    if [ ! -f "$M/model.safetensors" ]; then echo "no MiniLM folder at $M"; continue; fi
+    for w in short mixed; do
+      log "bench embed all-MiniLM-L6-v2 $w fp8"
+      $PY -m slipstream bench embed --model "$M" --workload $w --items $([ $w = short ] && echo 4000 || echo 1000) \
+        --device cuda --dtype bfloat16 --quantization fp8 --baseline hf \
+        --json "$RES/embed_${w}_minilm_fp8.json" 2>&1 | tee "$RES/embed_${w}_minilm_fp8.log"
     done
     ;;
   embed-short)
