@@ -2,6 +2,8 @@
 
     python scripts/fp8_layer_sensitivity.py --model DIR [--items 24 --max-len 400] [VARIANT ...]
 
+VARIANT: a name from the table in main(), or skipN / no_<proj> / a `+` of them (any model).
+
 Embeds a seeded `mixed` workload in fp32, then with chosen Linear modules replaced by
 Fp8Linear (dequantising reference GEMM: fp8 products, fp32 sums), and prints the minimum and
 mean cosine to fp32 per variant. Used for the fp8_skip_layers default (docs/performance.md).
@@ -64,11 +66,29 @@ def main() -> None:
         "skip2_last2": lambda i, name: 2 <= i < n - 2,
     }
     for name in args.variants or list(variants):
+        if name not in variants:
+            variants[name] = _generic_variant(name)
         apply(variants[name])
         v = eng.embed_token_ids(seqs, show_progress=False)
         cos = (v * ref).sum(1) / (np.linalg.norm(v, axis=1) * np.linalg.norm(ref, axis=1))
         print(f"{name:14s} cosine to fp32: min {cos.min():.4f} mean {cos.mean():.5f}", flush=True)
     apply(lambda i, name: False)
+
+
+def _generic_variant(name: str) -> Callable[[int, str], bool]:
+    """``skipN``: every layer from N on in fp8; ``no_<proj>``: every Linear but those whose name
+    ends in <proj> (e.g. ``no_up_proj`` for BERT); combined with ``+``: ``skip2+no_down_proj``."""
+    preds: list[Callable[[int, str], bool]] = []
+    for part in name.split("+"):
+        if part.startswith("skip") and part[4:].isdigit():
+            k = int(part[4:])
+            preds.append(lambda i, _n, k=k: i >= k)
+        elif part.startswith("no_") and len(part) > 3:
+            suffix = part[3:]
+            preds.append(lambda _i, n, s=suffix: not n.endswith(s))
+        else:
+            raise SystemExit(f"unknown variant {part!r}")
+    return lambda i, n: all(p(i, n) for p in preds)
 
 
 if __name__ == "__main__":
