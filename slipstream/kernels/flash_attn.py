@@ -499,7 +499,8 @@ _CONFIGS_BY_HEAD_DIM[16] = _CONFIGS_BY_HEAD_DIM[32]
 
 VARIANTS = ("base", "wide", "gqa_pack", "sm90_ws")
 # Default: the Gluon kernel where it can run (Hopper, head_dim 128, an even GQA group,
-# self-attention; 1.13-1.26x gqa_pack on the H100, attention_sm90_h100.json), else
+# self-attention; 1.13-1.26x gqa_pack on the H100, attention_sm90_h100.json) and the batch has
+# a sequence over 1024 tokens (`sm90_pays_off`), else
 # `_fallback_variant`: gqa_pack, or base for one causal sequence (the earlier H100 A/B,
 # benchmarks/results/attention_variants_h100.json: gqa_pack was 1.00x base on one causal
 # 7168-token sequence and 1.04x on the packed mixed batch; attention_bench_h100.json: base
