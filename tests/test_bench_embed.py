@@ -189,3 +189,37 @@ def test_bench_embed_gpu_smoke(tmp_path: Path) -> None:
     assert res["peak_tflops_measured"] > 10
     assert res["cosine_min"] > 0.99
     assert (tmp_path / "gpu.png").is_file()
+
+
+def test_baseline_is_warmed_up_with_a_full_pass_per_batch_size(
+    qwen3_engine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The baseline gets the warm-up slipstream gets: one full pass of the workload at each
+    batch size before its timed passes (a partial warm-up leaves shape warm-up in the first
+    timed pass, which made the baseline look slower)."""
+    from slipstream.bench import baseline_hf, embed_bench
+    from slipstream.bench.workloads import make_workload
+
+    wl = make_workload("short", 20, qwen3_engine.model_config.vocab_size)
+    calls: list[tuple[int, int]] = []  # (batch size, rows) of every baseline forward
+    real_forward = baseline_hf.HFBaseline.forward
+
+    def counting_forward(self, batch, normalize=True):  # type: ignore[no-untyped-def]
+        calls.append((self._bs, len(batch)))
+        return real_forward(self, batch, normalize)
+
+    real_batches = baseline_hf.HFBaseline.batches
+
+    def tagging_batches(self, seqs, batch_size):  # type: ignore[no-untyped-def]
+        self._bs = batch_size
+        return real_batches(self, seqs, batch_size)
+
+    monkeypatch.setattr(baseline_hf.HFBaseline, "forward", counting_forward)
+    monkeypatch.setattr(baseline_hf.HFBaseline, "batches", tagging_batches)
+    results, _ = embed_bench.run_baseline(qwen3_engine, wl, None, [8, 32], 2, 1, 1.0)
+    assert [r["batch_size"] for r in results] == [8, 32]
+    for bs in (8, 32):
+        rows = [n for b, n in calls if b == bs]
+        # warm-up + 2 timed passes, each over all 20 items
+        assert sum(rows) == 3 * 20, (bs, rows)
+        assert len(results[0]["seconds_runs"]) == 2

@@ -66,13 +66,10 @@ class HFBaseline:
         seqs: list[list[int]],
         batch_size: int,
         normalize: bool = True,
-        max_batches: int | None = None,
     ) -> np.ndarray:
-        """float32 [N, hidden] in input order (rows of batches not run stay zero)."""
+        """float32 [N, hidden] in input order."""
         out = np.zeros((len(seqs), self.cfg.hidden_size), dtype=np.float32)
-        for n, idx in enumerate(self.batches(seqs, batch_size)):
-            if max_batches is not None and n >= max_batches:
-                break
+        for idx in self.batches(seqs, batch_size):
             out[idx] = self.forward([seqs[i] for i in idx], normalize)
         return out
 
