@@ -4,8 +4,8 @@ Both systems embed the same seeded token-id workload (no tokenization) on the sa
 and dtype. Each is warmed up with one full pass of the workload (the baseline at each of its
 batch sizes: every padded shape it will see gets its kernels chosen and its memory cached
 before the clock starts, as slipstream's graphs and autotuning are), then timed over
-``--repeats`` full passes with the device synchronised around each pass; the median counts. Reported: items/s, tokens/s,
-model FLOP utilisation (FLOPs from the config, over a measured dense-GEMM peak), the speedup
+``--repeats`` full passes with the device synchronised around each pass; the median counts.
+Reported: items/s, tokens/s, model FLOP utilisation (FLOPs from the config, over a measured dense-GEMM peak), the speedup
 over the best baseline batch size, and the minimum cosine between the two systems' vectors.
 
 ``time_breakdown`` is an instrumented pass over the ``short`` workload (synchronising between
