@@ -5,8 +5,9 @@ and dtype. Each is warmed up with one full pass of the workload (the baseline at
 batch sizes: every padded shape it will see gets its kernels chosen and its memory cached
 before the clock starts, as slipstream's graphs and autotuning are), then timed over
 ``--repeats`` full passes with the device synchronised around each pass; the median counts.
-Reported: items/s, tokens/s, model FLOP utilisation (FLOPs from the config, over a measured dense-GEMM peak), the speedup
-over the best baseline batch size, and the minimum cosine between the two systems' vectors.
+Reported: items/s, tokens/s, model FLOP utilisation (FLOPs from the config, over a measured
+dense-GEMM peak), the speedup over the best baseline batch size, and the minimum cosine
+between the two systems' vectors.
 
 ``time_breakdown`` is an instrumented pass over the ``short`` workload (synchronising between
 stages, so its total is a little above the real time): scheduling + packing, host-to-device,
