@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -27,6 +28,17 @@ def eager_direct_ok(*tensors: Any) -> bool:
     if torch._C._are_functorch_transforms_active():
         return False
     return all(type(t) in _PLAIN_TENSOR_TYPES for t in tensors)
+
+
+_NO_SWITCH = contextlib.nullcontext()  # reusable: entering it does nothing
+
+
+def device_ctx(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """What a kernel launch for ``device`` runs under: Triton launches on the current CUDA
+    device, so switch to ``device`` only when it is another one (switching costs a few us)."""
+    if device.type == "cuda" and device.index not in (None, torch.cuda.current_device()):
+        return torch.cuda.device(device)
+    return _NO_SWITCH
 
 
 # (name, schema, implementation, fake implementation)

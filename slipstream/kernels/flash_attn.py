@@ -61,7 +61,7 @@ from typing import Any
 
 import torch
 
-from slipstream.kernels._library import eager_direct_ok
+from slipstream.kernels._library import device_ctx, eager_direct_ok
 
 _log = logging.getLogger(__name__)
 
@@ -1123,11 +1123,7 @@ def _launch(
     if config is None:
         config = _INTERPRETER_BLOCKS if _interpret_mode() else _env_config(head_dim, variant)
     run = (args, meta, hq, hq // hkv, batch, q.shape[0], head_dim, config, variant)
-    if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
-        # Triton launches on the current device; switch only when needed (it costs a few us).
-        with torch.cuda.device(q.device):
-            _run_kernel(*run)
-    else:
+    with device_ctx(q.device):
         _run_kernel(*run)
 
 
@@ -1197,10 +1193,7 @@ def _try_sm90(
     from triton.runtime.errors import OutOfResources
 
     try:
-        if q.device.index != torch.cuda.current_device():  # switching costs a few us
-            with torch.cuda.device(q.device):
-                sm90.launch(q, k, v, out, cu_seqlens_q, causal, qk_scale, *rope)
-        else:
+        with device_ctx(q.device):
             sm90.launch(q, k, v, out, cu_seqlens_q, causal, qk_scale, *rope)
     except (CompilationError, OutOfResources) as exc:
         _SM90_DISABLED = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from slipstream.kernels._library import eager_direct_ok, register_ops
+from slipstream.kernels._library import device_ctx, eager_direct_ok, register_ops
 
 try:  # Triton is optional at import time; kernels are jit-wrapped on first use.
     import triton
@@ -368,10 +368,7 @@ def _launch(
     """Launch on ``device``; any compile or launch failure becomes a FusedKernelError."""
     fn = _kernels()[kernel]
     try:
-        if device.type == "cuda" and device.index != torch.cuda.current_device():
-            with torch.cuda.device(device):
-                fn[grid](*args, **meta)
-        else:
+        with device_ctx(device):
             fn[grid](*args, **meta)
     except Exception as e:
         raise FusedKernelError(

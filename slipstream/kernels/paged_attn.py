@@ -32,7 +32,6 @@ the whole group of query heads that share a kv head in one program (one read of 
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 import os
@@ -40,7 +39,7 @@ from typing import Any
 
 import torch
 
-from slipstream.kernels._library import register_ops
+from slipstream.kernels._library import device_ctx, register_ops
 
 try:  # Triton is optional at import time: the ops are registered either way.
     import triton
@@ -690,7 +689,7 @@ def _store_impl(
     if t == 0:
         return
     kern = _build_kernels()["_store_kv_kernel"]
-    with _device_ctx(k):
+    with device_ctx(k.device):
         kern[(t,)](
             k, v, k_cache, v_cache, slot_mapping,
             k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -737,7 +736,7 @@ def _prefill_impl(
     block_m, block_n, warps, stages = _prefill_blocks(d)
     grid = (hq, batch, triton.cdiv(int(max_seqlen_q), block_m))
     kern = _build_kernels()["_paged_prefill_kernel"]
-    with _device_ctx(q):
+    with device_ctx(q.device):
         kern[grid](
             q, k, v, out, k_cache, v_cache, page_table, cu_seqlens_q, prefix_lens,
             float(softmax_scale) * _LOG2E,
@@ -785,7 +784,7 @@ def _decode_impl(
     else:
         mid_o = out  # unused by the kernel (NUM_SPLITS == 1 branch); any pointer will do
         mid_lse = kv_lens
-    with _device_ctx(q):
+    with device_ctx(q.device):
         kernels["_paged_decode_kernel"][(b, hkv, splits)](
             q, out, mid_o, mid_lse, k_cache, v_cache, page_table, kv_lens,
             float(softmax_scale) * _LOG2E,
@@ -809,13 +808,6 @@ def _decode_impl(
                 NUM_SPLITS=splits, HEAD_DIM=d, BLOCK_S=_next_pow2(splits),
                 num_warps=1 if d <= 64 else 4,
             )  # fmt: skip
-
-
-def _device_ctx(t: torch.Tensor) -> contextlib.AbstractContextManager[Any]:
-    # Triton launches on the current device; switch only when needed (it costs a few us).
-    if t.device.type == "cuda" and t.device.index not in (None, torch.cuda.current_device()):
-        return torch.cuda.device(t.device)
-    return contextlib.nullcontext()
 
 
 # ----------------------------------------------------------------------------------------
