@@ -39,7 +39,7 @@ def _add_engine_args(p: argparse.ArgumentParser) -> None:
     add_cuda_graph_arg(p)
 
 
-def add_cuda_graph_arg(p: argparse.ArgumentParser) -> None:
+def add_cuda_graph_arg(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument(
         "--disable-cuda-graph",
         action="store_true",

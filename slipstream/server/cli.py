@@ -11,7 +11,7 @@ import logging
 import os
 from pathlib import Path
 
-from slipstream.cli import add_quantization_args
+from slipstream.cli import add_cuda_graph_arg, add_quantization_args
 
 logger = logging.getLogger("slipstream.server")
 
@@ -131,11 +131,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--disable-prefix-cache", action="store_true", help="turn the radix prefix cache off"
     )
-    g.add_argument(
-        "--disable-cuda-graph",
-        action="store_true",
-        help="embedding forwards and decode steps without CUDA graphs",
-    )
+    add_cuda_graph_arg(g)
 
 
 def default_torch_threads() -> int:
