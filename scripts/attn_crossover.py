@@ -29,6 +29,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 from attention_bench import attention_flops  # noqa: E402
+from attn_sm90_sweep import _case, _with_q_prologue  # noqa: E402
 
 from slipstream.kernels import flash_attn as fa  # noqa: E402
 
@@ -53,27 +54,8 @@ def lengths(cap: int, tokens: int, seed: int) -> list[int]:
 
 
 def make_case(lens: list[int]) -> dict:
-    g = torch.Generator(device="cuda").manual_seed(0)
-    t = sum(lens)
-    qkv = torch.randn(t, (HQ + 2 * HKV) * D, device="cuda", dtype=torch.bfloat16, generator=g)
-    pos = torch.cat([torch.arange(n, device="cuda") for n in lens])
-    inv = 1.0 / (1_000_000.0 ** (torch.arange(0, D, 2, device="cuda").float() / D))
-    ang = pos.float()[:, None] * inv[None, :]
-    cu = torch.zeros(len(lens) + 1, dtype=torch.int32, device="cuda")
-    cu[1:] = torch.tensor(lens, device="cuda").cumsum(0)
-    return {
-        "q": qkv[:, : HQ * D].view(t, HQ, D),
-        "k": qkv[:, HQ * D : (HQ + HKV) * D].view(t, HKV, D),
-        "v": qkv[:, (HQ + HKV) * D :].view(t, HKV, D),
-        "cu": cu, "max": max(lens), "lens": lens,
-        "extra": {
-            "q_norm_weight": (1.0 + 0.1 * torch.randn(D, device="cuda", generator=g)).to(
-                torch.bfloat16
-            ),
-            "cos": ang.cos().to(torch.bfloat16), "sin": ang.sin().to(torch.bfloat16),
-            "q_norm_eps": 1e-6,
-        },
-    }  # fmt: skip
+    """The sweep's case (q/k/v column views of one qkv buffer) with its q prologue."""
+    return _with_q_prologue(_case(lens, HQ, HKV, D), D)
 
 
 def run(c: dict, out: torch.Tensor) -> None:
