@@ -1113,11 +1113,11 @@ def _launch(
         meta["WS"] = True
 
     if variant == "sm90_ws":
-        sm90_args = (q, k, v, out, cu_seqlens_q, cu_seqlens_k, causal, scale * _LOG2E)
         rope = (q_norm_weight, cos, sin, q_norm_eps) if q_rope else ()
         if _sm90_first(by_default, config, max_seqlen_q) and _try_sm90(
-            *sm90_args, *rope, by_default=by_default
-        ):
+            q, k, v, out, cu_seqlens_q, cu_seqlens_k, causal, scale * _LOG2E, *rope,
+            by_default=by_default,
+        ):  # fmt: skip
             return
         variant = _fallback_variant(cu_seqlens_q.shape[0] - 1, causal)
     if config is None:
