@@ -6,6 +6,7 @@
 #           host-profile host-profile-fp8 qrope-ab tests-attn graphs-ab tests-new
 #           tests-round4 round4-ab tests-gen tests-graphs bert-graphs sm90 sm90-sweep sm90-ab
 #           batch-ab embed-minilm embed-minilm-fp8 short-ab attn-crossover dispatch-ab
+#           sm90-fixed-cost
 #   (default: all)
 # Results land in $OUT/results (packed into $OUT/gpu_results.tar.gz at the end) and a
 # summary table is printed last.
@@ -151,6 +152,12 @@ for stage in $STAGES; do
     log "attention by the batch's longest sequence: gqa_pack vs sm90_ws"
     $PY scripts/attn_crossover.py --json "$RES/attention_crossover.json" 2>&1 | tee "$RES/attention_crossover.log"
     ;;
+  sm90-fixed-cost)
+    log "sm90_ws per-tile fixed cost, parts of the tile taken out (diagnostic)"
+    $PY scripts/attn_sm90_fixed_cost.py --json "$RES/attention_sm90_fixed_cost.json" \
+      ${SM90_BASELINE_SRC:+--baseline-src "$SM90_BASELINE_SRC"} 2>&1 \
+      | tee "$RES/attention_sm90_fixed_cost.log"
+    ;;
   sm90-sweep)
     log "sm90_ws settings vs gqa_pack"
     $PY scripts/attn_sm90_sweep.py --json "$RES/attention_sm90_sweep.json" --q-prologue \
@@ -159,7 +166,7 @@ for stage in $STAGES; do
   tests-attn)
     log "pytest -m gpu, attention and fused kernels only"
     $PY -m pytest -q -m gpu -p no:cacheprovider -rs tests/test_flash_q_rope.py \
-      tests/test_kernels_flash_attn.py tests/test_kernels_fused.py 2>&1 | tee "$RES/pytest_gpu_attn.log"
+      tests/test_kernels_flash_attn.py tests/test_kernels_fused.py tests/test_flash_sm90.py 2>&1 | tee "$RES/pytest_gpu_attn.log"
     ;;
   tests-round4)
     log "pytest -m gpu: models, fused kernels, graphs, attention prologue"
