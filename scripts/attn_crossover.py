@@ -96,13 +96,18 @@ def main() -> None:
                   flush=True)  # fmt: skip
             for key in env:
                 os.environ.pop(key, None)
+    write_json(args.json, tokens=args.tokens, rows=rows)
+
+
+def write_json(path: Path, **fields) -> None:
+    """The result file: the device and library versions, then ``fields``."""
     info = {
         "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "tokens": args.tokens, "rows": rows,
+        "triton": triton.__version__, **fields,
     }  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(info, indent=1))
-    print(f"wrote {args.json}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(info, indent=1))
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
 import sys
 import tempfile
@@ -40,7 +39,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from attn_crossover import lengths, make_case  # noqa: E402
+from attn_crossover import lengths, make_case, write_json  # noqa: E402
 
 SRC = REPO / "slipstream" / "kernels" / "flash_attn_sm90.py"
 # The plain Q load and the epilogue store, as the committed kernel spells them (and as the
@@ -147,13 +146,7 @@ def main() -> None:
             print(
                 f"fit {key:12s} per tile {sol[0].item():6.2f} us  per block {sol[1].item():6.3f} us"
             )
-    info = {
-        "device": torch.cuda.get_device_name(), "torch": torch.__version__,
-        "triton": triton.__version__, "sms": sms, "rows": rows, "fits": fits,
-    }  # fmt: skip
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(info, indent=1))
-    print(f"wrote {args.json}")
+    write_json(args.json, sms=sms, rows=rows, fits=fits)
 
 
 if __name__ == "__main__":
