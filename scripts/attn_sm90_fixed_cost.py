@@ -39,7 +39,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 
-from attn_crossover import lengths, make_case, write_json  # noqa: E402
+from attn_crossover import HQ, D, lengths, make_case, write_json  # noqa: E402
+
+from slipstream.kernels import flash_attn_sm90 as sm90  # noqa: E402
 
 SRC = REPO / "slipstream" / "kernels" / "flash_attn_sm90.py"
 # The plain Q load and the epilogue store, as the committed kernel spells them (and as the
@@ -76,7 +78,9 @@ def patched_module(name: str, tmp: Path, src: Path = SRC):
     return mod
 
 
-def counts(lens: list[int], groups: int = 8, bm: int = 64, bn: int = 128) -> tuple[int, int]:
+def counts(lens: list[int]) -> tuple[int, int]:
+    """The kernel's live tiles and causal key blocks for these sequences (all head groups)."""
+    bm, bn, groups = sm90.BLOCK_M, sm90.BLOCK_N, HQ // sm90.PACK
     tiles = blocks = 0
     for n in lens:
         for m0 in range(0, n, bm):
@@ -108,15 +112,17 @@ def main() -> None:
     if args.baseline_src is not None:
         variants["baseline"] = (patched_module("baseline", tmp, args.baseline_src), True)
         variants["baseline plain"] = (variants["baseline"][0], False)
+    scale = D**-0.5 * 1.4426950408889634  # softmax scale * log2(e), as flash_attn passes it
     rows = []
     for cname, lens in cases.items():
         c = make_case(lens)
         tiles, blocks = counts(lens)
-        scale = 128**-0.5 * 1.4426950408889634
         for vname, (mod, rope) in variants.items():
             extra = c["extra"] if rope else {}
             for persistent in (0, 1):
-                os.environ["SLIPSTREAM_SM90_CONFIG"] = f"2,3,{persistent}"
+                os.environ["SLIPSTREAM_SM90_CONFIG"] = (
+                    f"{sm90.K_STAGES},{sm90.V_STAGES},{persistent}"
+                )
                 out = torch.empty_like(c["q"])
 
                 def go(mod=mod, out=out, extra=extra, c=c, scale=scale):
